@@ -1,0 +1,28 @@
+# `make demo` and `make test` work on a fresh machine: each sets up .venv once (again only when
+# pyproject.toml changes), then runs. TORCH picks the torch build (default: the CPU wheel).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+OUT ?= runs/demo
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) data.py tiny --out $(OUT)/tiny
+	$(PY) model.py --model $(OUT)/tiny --image $(OUT)/tiny/example.png --max-new-tokens 24 "How many ships are in this image?"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,381 @@
+"""model.py against transformers (the oracle) on tiny random checkpoints in HF layout."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import conftest
+import model as M
+
+
+def rel_err(a, b):
+    """Largest difference relative to the logit scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def oracle_images(sizes, seed=0, max_pixels=28 * 28 * 64):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    rng = np.random.default_rng(seed)
+    ims = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
+    o = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=max_pixels)(images=ims, return_tensors="pt")
+    return o["pixel_values"], o["image_grid_thw"]
+
+
+def build_ids(cfg, parts):
+    """parts: strings (tokenized) and ints (an image of that many merged tokens, with its vision markers)."""
+    tok = conftest.build_tokenizer()
+    ids = []
+    for p in parts:
+        if isinstance(p, int):
+            ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * p + [cfg.vision_end_token_id]
+        else:
+            ids += tok.encode(p).ids
+    return ids
+
+
+def left_pad(rows, pad):
+    L = max(map(len, rows))
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def hf_logits(hf, ids, mask=None, pv=None, thw=None):
+    mm = (ids == hf.config.image_token_id).int()
+    with torch.no_grad():
+        if thw is None:
+            return hf(input_ids=ids, attention_mask=mask).logits, None
+        pos, _ = hf.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=thw, attention_mask=mask)
+        out = hf(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm,
+                 position_ids=pos)
+        return out.logits, pos
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt):
+    path, hf = tiny_ckpt
+    return M.Qwen2VL.from_pretrained(path), hf
+
+
+def masked(x, mask):
+    return x if mask is None else x * mask[..., None]
+
+
+@pytest.mark.parametrize("case", ["text", "one_image", "two_images", "padded_batch"])
+def test_logits_and_positions_equal_transformers(pair, case):
+    ours, hf = pair
+    cfg = ours.config
+    mask = pv = thw = None
+    if case == "text":
+        ids = torch.tensor([build_ids(cfg, ["<|im_start|>user\nDescribe the scene.<|im_end|>\n"])])
+    elif case == "one_image":
+        pv, thw = oracle_images([(60, 90)])
+        ids = torch.tensor([build_ids(cfg, ["<|im_start|>user\n", int(thw[0].prod()) // 4, "Count ships."])])
+    elif case == "two_images":
+        pv, thw = oracle_images([(60, 90), (150, 56)])
+        n = (thw.prod(-1) // 4).tolist()
+        ids = torch.tensor([build_ids(cfg, ["user\n", n[0], "and then", n[1], "compare them"])])
+    else:
+        pv, thw = oracle_images([(84, 84), (56, 140)])
+        n = (thw.prod(-1) // 4).tolist()
+        ids, mask = left_pad([build_ids(cfg, ["user\n", n[0], "Is there a plane in this aerial scene?"]),
+                              build_ids(cfg, [n[1], "ships?"])], cfg.pad_token_id)
+    want, want_pos = hf_logits(hf, ids, mask, pv, thw)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw)
+    assert rel_err(masked(got, mask), masked(want, mask)) < 1e-5
+    if want_pos is not None:
+        pos, _ = M.rope_index(ids, mask, thw, cfg)
+        assert torch.equal(pos, want_pos)
+
+
+def test_positions_skip_left_padding_and_restart_per_packed_segment(pair):
+    ours, _ = pair
+    cfg = ours.config
+    pv, thw = oracle_images([(56, 84)])
+    row = build_ids(cfg, ["a", int(thw[0].prod()) // 4, "b c"])
+    ids, mask = left_pad([row, row[:2]], cfg.pad_token_id)
+    pos, nxt = M.rope_index(ids, mask, thw, cfg)
+    alone, nxt_alone = M.rope_index(torch.tensor([row]), None, thw, cfg)
+    assert torch.equal(pos[:, 0], alone[:, 0]) and nxt[0] == nxt_alone[0]
+    # packed: two samples in one row, the second starts again at 0
+    text = build_ids(cfg, ["b c d"])[:3]
+    packed = torch.tensor([text + text])
+    seg = torch.tensor([[1, 1, 1, 2, 2, 2]])
+    p, _ = M.rope_index(packed, seg, None, cfg)
+    assert p[0, 0].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_packed_rows_equal_separate_samples(pair):
+    ours, _ = pair
+    cfg = ours.config
+    a = build_ids(cfg, ["Is there a ship near the harbour?"])
+    b = build_ids(cfg, ["Classify the scene: forest"])
+    with torch.no_grad():
+        la = ours(torch.tensor([a]))
+        lb = ours(torch.tensor([b]))
+        lp = ours(torch.tensor([a + b]), attention_mask=torch.tensor([[1] * len(a) + [2] * len(b)]))
+    assert rel_err(lp[0, :len(a)], la[0]) < 1e-5 and rel_err(lp[0, len(a):], lb[0]) < 1e-5
+
+
+def test_greedy_generation_equals_transformers(pair):
+    ours, hf = pair
+    cfg = ours.config
+    pv, thw = oracle_images([(84, 112), (56, 56)])
+    n = (thw.prod(-1) // 4).tolist()
+    ids, mask = left_pad([build_ids(cfg, ["<|im_start|>user\n", n[0], "What is in this aerial scene?"]),
+                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    mm = (ids == cfg.image_token_id).int()
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
+                           mm_token_type_ids=mm, max_new_tokens=20, do_sample=False, eos_token_id=None)
+    got = ours.generate(ids, mask, pv, thw, max_new_tokens=20, eos_token_ids=[])
+    assert got.shape == (2, 20)
+    assert torch.equal(got, want[:, ids.shape[1]:])
+
+
+def test_generation_stops_per_row_and_pads(pair):
+    ours, _ = pair
+    cfg = ours.config
+    ids, mask = left_pad([build_ids(cfg, ["The plane is"]), build_ids(cfg, ["12 storage tanks and"])],
+                         cfg.pad_token_id)
+    free = ours.generate(ids, mask, max_new_tokens=12, eos_token_ids=[])
+    stop = int(free[0, 3])  # row 0 emits this token at step 3: make it an eos
+    first = [int((free[r] == stop).nonzero()[0]) if (free[r] == stop).any() else None for r in range(2)]
+    got = ours.generate(ids, mask, max_new_tokens=12, eos_token_ids=[stop])
+    for r in range(2):
+        if first[r] is None:
+            assert torch.equal(got[r], free[r, :got.shape[1]])
+        else:
+            assert torch.equal(got[r, :first[r] + 1], free[r, :first[r] + 1])
+            assert (got[r, first[r] + 1:] == cfg.pad_token_id).all()
+    assert got.shape[1] == (12 if None in first else max(first) + 1)
+
+
+def test_num_samples_encode_once_and_match_teacher_forcing(pair):
+    """G samples per prompt: the vision tower runs once for the batch, each prompt's samples come from its own
+    generator, and the returned log-probs equal a teacher-forced forward pass over prompt + completion."""
+    ours, _ = pair
+    cfg = ours.config
+    pv, thw = oracle_images([(84, 84), (56, 112)])
+    n = (thw.prod(-1) // 4).tolist()
+    ids, mask = left_pad([build_ids(cfg, ["user\n", n[0], "What is in this aerial scene?"]),
+                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    calls = []
+    h = ours.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+        new, lp = ours.generate(ids, mask, pv, thw, max_new_tokens=10, temperature=1.0, num_samples=3,
+                                eos_token_ids=[], generator=gens, return_logprobs=True)
+    finally:
+        h.remove()
+    assert len(calls) == 1 and new.shape == (6, 10)
+    assert len({tuple(r) for r in new.tolist()}) > 1  # samples differ
+    # prompt 1 alone with the same generator seed gives the same three samples
+    alone = ours.generate(ids[1:, mask[1].argmax():], None, pv[int(thw[0].prod()):], thw[1:], max_new_tokens=10,
+                          temperature=1.0, num_samples=3, eos_token_ids=[], generator=[torch.Generator().manual_seed(12)])
+    assert torch.equal(alone, new[3:])
+    # teacher forcing: log_softmax of the full forward pass at each sampled token
+    rows = ids.repeat_interleave(3, 0)
+    full = torch.cat([rows, new], 1)
+    fmask = torch.cat([mask.repeat_interleave(3, 0), torch.ones_like(new)], 1)
+    thw_rep = thw.repeat_interleave(3, 0)
+    pv_rep = torch.cat([pv[:int(thw[0].prod())]] * 3 + [pv[int(thw[0].prod()):]] * 3)
+    with torch.no_grad():
+        logits = ours(full, fmask, pv_rep, thw_rep)[:, ids.shape[1] - 1:-1]
+    want = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+    assert (lp - want).abs().max() < 1e-4
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    for _ in range(20):
+        tok, _ = M.sample_tokens(logits, 1.0, 1.0, 3, None, None, 1, False)
+        top3 = logits.topk(3, -1).indices
+        assert (top3 == tok[:, None]).any(-1).all()
+    probs = logits.softmax(-1)
+    sp, order = probs.sort(-1, descending=True)
+    keep = (sp.cumsum(-1) - sp) < 0.5
+    for _ in range(20):
+        tok, _ = M.sample_tokens(logits, 1.0, 0.5, 0, None, None, 1, False)
+        for r in range(4):
+            allowed = set(order[r][keep[r]].tolist())
+            assert int(tok[r]) in allowed
+    greedy, _ = M.sample_tokens(logits, 0.0, 1.0, 0, None, None, 1, False)
+    assert torch.equal(greedy, logits.argmax(-1))
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def sample_inputs(cfg):
+    pv, thw = oracle_images([(70, 98)])
+    ids = torch.tensor([build_ids(cfg, ["user\n", int(thw[0].prod()) // 4, "Where is the runway?"])])
+    return ids, pv, thw
+
+
+def test_tied_head_loads_without_lm_head(tiny_tied_ckpt):
+    path, hf = tiny_tied_ckpt
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    ours = M.Qwen2VL.from_pretrained(path)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    ids, pv, thw = sample_inputs(ours.config)
+    want, _ = hf_logits(hf, ids, None, pv, thw)
+    with torch.no_grad():
+        assert rel_err(ours(ids, None, pv, thw), want) < 1e-5
+
+
+def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
+    ours, hf = pair
+    from transformers import Qwen2VLForConditionalGeneration
+    out = tmp_path / "saved"
+    ours.save_pretrained(out)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left behind
+    assert os.path.exists(out / "tokenizer.json") and os.path.exists(out / "preprocessor_config.json")
+    back = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    ids, pv, thw = sample_inputs(ours.config)
+    want, _ = hf_logits(back, ids, None, pv, thw)
+    with torch.no_grad():
+        got = ours(ids, None, pv, thw)
+    assert torch.equal(got, M.Qwen2VL.from_pretrained(out)(ids, None, pv, thw).detach())
+    assert rel_err(got, want) < 1e-5
+    # saving again over the same folder replaces it whole
+    ours.save_pretrained(out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(out))
+
+
+def rewrite_checkpoint(src, dst, flat_config=False, key_prefix=False, shard_bytes=None):
+    """A copy of an HF checkpoint in another on-disk layout."""
+    from safetensors.torch import load_file, save_file
+    os.makedirs(dst, exist_ok=True)
+    for fn in os.listdir(src):
+        if not fn.endswith(".safetensors") and fn != "model.safetensors.index.json":
+            shutil.copy(os.path.join(src, fn), os.path.join(dst, fn))
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    if key_prefix:
+        sd = {("model.language_model." + k[6:] if k.startswith("model.") else
+               "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in sd.items()}
+    if flat_config:
+        cfg = M.Qwen2VLConfig.from_dict(json.load(open(os.path.join(src, "config.json"))))
+        d = cfg.to_dict()
+        d["vision_config"]["in_chans"] = d["vision_config"].pop("in_chans")
+        json.dump(d, open(os.path.join(dst, "config.json"), "w"))
+    if shard_bytes:
+        keys, shards, cur, size = sorted(sd), [], {}, 0
+        for k in keys:
+            if cur and size > shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = sd[k]
+            size += sd[k].numel() * 4
+        shards.append(cur)
+        wm = {}
+        for i, s in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(s, os.path.join(dst, name))
+            wm.update({k: name for k in s})
+        json.dump({"metadata": {}, "weight_map": wm}, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+    else:
+        save_file(sd, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["flat_config", "prefixed_keys", "sharded"])
+def test_other_layouts_load_to_identical_logits(pair, tiny_ckpt, tmp_path, layout):
+    ours, hf = pair
+    path, _ = tiny_ckpt
+    dst = rewrite_checkpoint(path, str(tmp_path / layout), flat_config=layout == "flat_config",
+                             key_prefix=layout == "prefixed_keys", shard_bytes=50_000 if layout == "sharded" else None)
+    if layout == "flat_config":
+        d = json.load(open(os.path.join(dst, "config.json")))
+        assert "text_config" not in d and "hidden_size" in d
+    if layout == "sharded":
+        assert len({v for v in json.load(open(os.path.join(dst, "model.safetensors.index.json")))["weight_map"].values()}) > 2
+    other = M.Qwen2VL.from_pretrained(dst)
+    ids, pv, thw = sample_inputs(ours.config)
+    with torch.no_grad():
+        assert torch.equal(other(ids, None, pv, thw), ours(ids, None, pv, thw))
+    if layout == "flat_config":  # transformers reads the flat layout too, to the same logits
+        from transformers import Qwen2VLForConditionalGeneration
+        back = Qwen2VLForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
+        want, _ = hf_logits(back, ids, None, pv, thw)
+        assert rel_err(other(ids, None, pv, thw).detach(), want) < 1e-5
+
+
+def test_our_sharded_save_round_trips(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path / "s", max_shard_bytes=100_000)
+    index = json.load(open(tmp_path / "s" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 2
+    back = M.Qwen2VL.from_pretrained(tmp_path / "s")
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_load_into_bfloat16(tiny_ckpt):
+    path, _ = tiny_ckpt
+    m32 = M.Qwen2VL.from_pretrained(path)
+    m16 = M.Qwen2VL.from_pretrained(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    ids, pv, thw = sample_inputs(m32.config)
+    with torch.no_grad():
+        a, b = m32(ids, None, pv, thw), m16(ids, None, pv, thw).float()
+    assert rel_err(b, a) < 0.05  # bf16 keeps 8 bits of mantissa: a few percent after a few layers
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_missing_and_misshaped_tensors_are_listed_in_one_error(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+    path, _ = tiny_ckpt
+    dst = rewrite_checkpoint(path, str(tmp_path / "broken"))
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"], sd["visual.merger.ln_q.bias"]
+    sd["model.norm.weight"] = torch.ones(7)
+    sd["model.layers.9.extra"] = torch.ones(1)
+    save_file(sd, os.path.join(dst, "model.safetensors"))
+    with pytest.raises(ValueError) as e:
+        M.Qwen2VL.from_pretrained(dst)
+    msg = str(e.value)
+    for name in ["model.layers.1.mlp.up_proj.weight", "visual.merger.ln_q.bias", "model.norm.weight",
+                 "model.layers.9.extra", "missing (2)", "unexpected (1)", "wrong shape (1)"]:
+        assert name in msg
+
+
+def test_config_that_is_not_qwen2_vl_is_refused(tiny_ckpt, tmp_path):
+    path, _ = tiny_ckpt
+    dst = rewrite_checkpoint(path, str(tmp_path / "other"))
+    d = json.load(open(os.path.join(dst, "config.json")))
+    d["model_type"] = "qwen2_5_vl"
+    json.dump(d, open(os.path.join(dst, "config.json"), "w"))
+    with pytest.raises(ValueError, match="not Qwen2-VL"):
+        M.Qwen2VL.from_pretrained(dst)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.Qwen2VL.from_pretrained(str(tmp_path))
+
+
+def test_image_token_mismatch_and_position_limit_are_errors(pair):
+    ours, _ = pair
+    cfg = ours.config
+    pv, thw = oracle_images([(56, 84)])
+    n = int(thw[0].prod()) // 4
+    ids = torch.tensor([build_ids(cfg, ["a", n - 1, "b"])])
+    with pytest.raises(ValueError, match="image tokens"):
+        ours(ids, None, pv, thw)
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        ours(torch.tensor([build_ids(cfg, ["a", n, "b"])]))
+    with pytest.raises(ValueError, match="patches"):
+        ours(torch.tensor([build_ids(cfg, ["a", n, "b"])]), None, pv[:-4], thw)
+    long_ids = torch.full((1, cfg.max_position_embeddings + 1), 5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        ours(long_ids)
+    with pytest.raises(ValueError, match="past the model's limit"):
+        ours.generate(torch.full((1, cfg.max_position_embeddings - 4), 5), max_new_tokens=10)
