@@ -297,7 +297,7 @@ class KVCache:
     samples, so G completions cost no copy of the prompt (image tokens included)."""
     prefix: list  # per layer (k, v) [B, KVH, P, hd]
     prefix_valid: torch.Tensor  # [B, P] bool, False on padding
-    k: torch.Tensor  # [L, B*G, KVH, N, hd]
+    k: torch.Tensor  # [L, B, KVH, G, N, hd]
     v: torch.Tensor
     group: int = 1
     n: int = 0  # generated positions written so far
@@ -329,28 +329,30 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _decode(self, q, k, v, cache: KVCache, layer):
-        """One new token per row against [prompt | generated], the prompt shared by the group's samples."""
+        """New tokens against [prompt | generated], the prompt read once for all of a prompt's samples.
+
+        Layout [B, kv_heads, G, queries, ...]: the query heads that share a kv head and the G samples that share
+        a prompt fold into one matrix product with the prompt's keys (plain matmuls: einsum is slow here)."""
         BG, H, T, hd = q.shape
         G, n = cache.group, cache.n
-        cache.k[layer, :, :, n:n + T] = k
-        cache.v[layer, :, :, n:n + T] = v
         pk, pv = cache.prefix[layer]
         B, KVH = pk.shape[0], pk.shape[1]
         rep = H // KVH
-        # Scores in the weights' dtype, softmax in fp32; query heads of a kv head fold into one matrix product.
-        qg = q.reshape(B, G, KVH, rep * T, hd) * (1.0 / math.sqrt(hd))
-        sp = torch.einsum("bgkqd,bkpd->bgkqp", qg, pk).float()
-        sp = sp.masked_fill(~cache.prefix_valid[:, None, None, None, :], float("-inf"))
-        sk = cache.k[layer, :, :, :n + T].reshape(B, G, KVH, n + T, hd)
-        sv = cache.v[layer, :, :, :n + T].reshape(B, G, KVH, n + T, hd)
-        ss = torch.einsum("bgkqd,bgknd->bgkqn", qg, sk).float()
+        cache.k[layer, :, :, :, n:n + T] = k.reshape(B, G, KVH, T, hd).transpose(1, 2)
+        cache.v[layer, :, :, :, n:n + T] = v.reshape(B, G, KVH, T, hd).transpose(1, 2)
+        sk, sv = cache.k[layer, :, :, :, :n + T], cache.v[layer, :, :, :, :n + T]  # [B, KVH, G, n+T, hd]
+        qg = q.reshape(B, G, KVH, rep * T, hd).transpose(1, 2) * (1.0 / math.sqrt(hd))  # [B, KVH, G, rep*T, hd]
+        P = pk.shape[2]
+        sp = (qg.reshape(B, KVH, G * rep * T, hd) @ pk.transpose(-1, -2)).view(B, KVH, G, rep * T, P)
+        sp = sp.float().masked_fill(~cache.prefix_valid[:, None, None, None, :], float("-inf"))
+        ss = (qg @ sk.transpose(-1, -2)).float()  # [B, KVH, G, rep*T, n+T]
         if T > 1:  # causal among the new tokens
             causal = torch.ones(T, n + T, dtype=torch.bool, device=q.device).tril(n)
-            ss = ss.view(B, G, KVH, rep, T, n + T).masked_fill(~causal, float("-inf")).view_as(ss)
-        p = torch.cat([sp, ss], dim=-1).softmax(-1).to(q.dtype)
-        P = sp.shape[-1]
-        out = torch.einsum("bgkqp,bkpd->bgkqd", p[..., :P], pv) + torch.einsum("bgkqn,bgknd->bgkqd", p[..., P:], sv)
-        return out.reshape(BG, H, T, hd)
+            ss = ss.view(B, KVH, G, rep, T, n + T).masked_fill(~causal, float("-inf")).view_as(ss)
+        p = torch.cat([sp, ss], dim=-1).softmax(-1).to(q.dtype)  # softmax in fp32
+        out = (p[..., :P].reshape(B, KVH, G * rep * T, P) @ pv).view(B, KVH, G, rep * T, hd)
+        out = out + p[..., P:] @ sv
+        return out.transpose(1, 2).reshape(BG, H, T, hd)
 
 
 class MLP(nn.Module):
@@ -587,8 +589,8 @@ class Qwen2VL(nn.Module):
         # prefill: the prompts once
         kvh, hd, L = c.num_key_value_heads, c.head_dim, c.num_hidden_layers
         cache = KVCache(prefix=[], prefix_valid=None,
-                        k=torch.empty(L, B * G, kvh, max_new_tokens, hd, dtype=self.dtype, device=dev),
-                        v=torch.empty(L, B * G, kvh, max_new_tokens, hd, dtype=self.dtype, device=dev), group=G)
+                        k=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev),
+                        v=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev), group=G)
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         cos, sin = mrope_cos_sin(pos, c, x.dtype)
         mask = None if bool(attention_mask.all()) else attention_mask_4d(attention_mask)

@@ -379,3 +379,39 @@ def test_image_token_mismatch_and_position_limit_are_errors(pair):
         ours(long_ids)
     with pytest.raises(ValueError, match="past the model's limit"):
         ours.generate(torch.full((1, cfg.max_position_embeddings - 4), 5), max_new_tokens=10)
+
+
+def test_hub_id_is_fetched_only_when_not_a_folder(tiny_ckpt, monkeypatch):
+    path, _ = tiny_ckpt
+    import huggingface_hub
+    asked = []
+
+    def fake_download(repo_id, **kw):
+        asked.append(repo_id)
+        return path
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    M.Qwen2VL.from_pretrained(path)
+    assert asked == []
+    m = M.Qwen2VL.from_pretrained("someone/tinyrs-r1")
+    assert asked == ["someone/tinyrs-r1"] and m.source_dir == path
+
+
+def test_command_line_answers_about_an_image(tiny_ckpt, tmp_path, capsys):
+    """`python model.py --model DIR --image F "question"` prints what generate + decode give."""
+    path, _ = tiny_ckpt
+    from data import Processor
+    rng = np.random.default_rng(3)
+    img_path = tmp_path / "scene.png"
+    Image.fromarray((rng.random((70, 100, 3)) * 255).astype("uint8")).save(img_path)
+    M.main(["--model", path, "--image", str(img_path), "--max-new-tokens", "12", "How many ships?"])
+    printed = capsys.readouterr().out.strip()
+    proc = Processor.from_pretrained(path)
+    m = M.Qwen2VL.from_pretrained(path)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                  {"type": "text", "text": "How many ships?"}]}],
+                                    add_generation_prompt=True)
+    b = proc(text=[text], images=[Image.open(img_path)])
+    new = m.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], max_new_tokens=12)
+    assert printed == proc.decode(new[0]).strip() and len(new[0]) > 0
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        M.main(["--model", path, "--image", str(tmp_path / "missing.png"), "What?"])

@@ -1,0 +1,226 @@
+"""Speed and memory of our Qwen2-VL against transformers' on the same weights, in one run.
+
+Each trial is a fresh process (so peak memory is that implementation's own), run A B A B ...; the table shows
+medians over trials and the ratio ours / transformers. Default: the real Qwen2-VL-2B widths, random weights.
+
+    python bench.py                       # 2B widths, fp32, CPU, one 448x448 image + a question, batch 1
+    python bench.py --layers 4 --dtype bfloat16 --json out.json
+    python bench.py --device cuda --dtype bfloat16 --batch 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+import model as M
+
+QWEN2VL_2B = dict(model_type="qwen2_vl", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
+                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, vocab_size=151936,
+                  tie_word_embeddings=True, max_position_embeddings=32768, eos_token_id=151645,
+                  vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, in_chans=3,
+                                     hidden_size=1536, patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def make_checkpoint(folder, layers, vision_depth, dtype, seed=0):
+    """Random weights at the 2B widths (std 0.02, norms at 1), saved in HF layout."""
+    d = json.loads(json.dumps(QWEN2VL_2B))
+    d["num_hidden_layers"] = layers
+    d["vision_config"]["depth"] = vision_depth
+    cfg = M.Qwen2VLConfig.from_dict(d)
+    with torch.device("meta"):
+        m = M.Qwen2VL(cfg)
+    m = m.to(dtype).to_empty(device="cpu")
+    m.lm_head.weight = m.model.embed_tokens.weight
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            else:
+                p.normal_(0, 0.02, generator=g)
+    m.save_pretrained(folder)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak, or the process RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, False
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self):
+        while not self._stop:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+            self._t = threading.Thread(target=self._poll, daemon=True)
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop = True
+            self._t.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def inputs(cfg, batch, image_size, text_tokens, device):
+    """A chat prompt around one image per row (ids by hand: random weights need no real tokenizer)."""
+    from PIL import Image
+    from data import ImageProcessor
+    g = torch.Generator().manual_seed(0)
+    img = Image.fromarray(torch.randint(0, 255, (image_size, image_size, 3), generator=g, dtype=torch.uint8).numpy())
+    pv, thw = ImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)([img] * batch)
+    n = int(thw[0].prod()) // 4
+    text = torch.randint(0, 150000, (text_tokens,), generator=g).tolist()
+    row = [151644, 872, 198, cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+    row += text + [151645, 198, 151644, 77091, 198]
+    ids = torch.tensor([row] * batch, device=device)
+    return ids, torch.ones_like(ids), pv.to(device), thw.to(device)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child(a):
+    """One trial of one implementation; prints a JSON line."""
+    torch.manual_seed(0)
+    dtype, dev = DTYPES[a.dtype], a.device
+    ids, mask, pv, thw = None, None, None, None
+    if a.impl == "ours":
+        m = M.Qwen2VL.from_pretrained(a.ckpt, dtype=dtype, device=dev)
+        if a.compile:
+            m.forward = torch.compile(m.forward)
+
+        def gen(n):
+            return m.generate(ids, mask, pv, thw, max_new_tokens=n, eos_token_ids=[])
+    else:
+        from transformers import Qwen2VLForConditionalGeneration
+        m = Qwen2VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=dtype, attn_implementation="sdpa").to(dev)
+        m.eval()
+        extra = {}
+        import inspect
+        if "mm_token_type_ids" in inspect.signature(m.forward).parameters:
+            extra = "mm"
+
+        def gen(n):
+            kw = {"mm_token_type_ids": (ids == m.config.image_token_id).int()} if extra else {}
+            with torch.inference_mode():
+                return m.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, **kw)
+    cfg = M.Qwen2VLConfig.from_dict(json.load(open(os.path.join(a.ckpt, "config.json"))))
+    ids, mask, pv, thw = inputs(cfg, a.batch, a.image_size, a.text_tokens, dev)
+    gen(2)  # warm-up
+    prefill, total = [], []
+    with PeakMemory(dev) as mem:
+        for _ in range(a.reps):
+            sync(dev)
+            t = time.perf_counter()
+            gen(1)
+            sync(dev)
+            prefill.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            out = gen(a.new_tokens)
+            sync(dev)
+            total.append(time.perf_counter() - t)
+    assert out.shape[-1] >= a.new_tokens
+    p, tt = statistics.median(prefill), statistics.median(total)
+    print(json.dumps({"impl": a.impl, "prefill_s": p, "decode_tok_s": a.batch * (a.new_tokens - 1) / max(tt - p, 1e-9),
+                      "peak_mem_gb": mem.peak / 1e9, "prompt_tokens": ids.shape[1]}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=28, help="decoder layers (2B: 28)")
+    ap.add_argument("--vision-depth", type=int, default=32, help="vision blocks (2B: 32)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per batch (decode tokens/s counts all rows)")
+    ap.add_argument("--image-size", type=int, default=448, help="square image side in pixels (448 -> 256 tokens)")
+    ap.add_argument("--text-tokens", type=int, default=32, help="question tokens after the image")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode measurement")
+    ap.add_argument("--reps", type=int, default=2, help="timed repetitions inside each trial (median)")
+    ap.add_argument("--trials", type=int, default=2, help="fresh processes per implementation, run A B A B")
+    ap.add_argument("--impls", default="ours,transformers", help="which implementations to run")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our forward (GPU)")
+    ap.add_argument("--ckpt", default=None, help="an existing checkpoint instead of random 2B-width weights")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)  # internal: run one trial
+    a = ap.parse_args(argv)
+    if a.impl:
+        return child(a)
+
+    tmp = None
+    if a.ckpt is None:
+        tmp = tempfile.mkdtemp(prefix="bench-ckpt-")
+        a.ckpt = os.path.join(tmp, "model")
+        print(f"writing random weights ({a.layers} layers, vision depth {a.vision_depth}, {a.dtype}) ...", flush=True)
+        make_checkpoint(a.ckpt, a.layers, a.vision_depth, DTYPES[a.dtype])
+    try:
+        impls = [i.strip() for i in a.impls.split(",")]
+        results = {i: [] for i in impls}
+        for trial in range(a.trials):
+            for impl in impls:  # A B A B: drift in machine state hits both alike
+                cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--ckpt", a.ckpt]
+                for k in ("dtype", "device", "batch", "image_size", "text_tokens", "new_tokens", "reps"):
+                    cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+                cmd += ["--compile"] if a.compile else []
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{impl} trial failed:\n{out.stderr[-3000:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                results[impl].append(r)
+                print(f"trial {trial + 1} {impl:>12}: prefill {r['prefill_s']:.3f} s, decode "
+                      f"{r['decode_tok_s']:.2f} tok/s, peak {r['peak_mem_gb']:.2f} GB", flush=True)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    summary = {"config": {k: getattr(a, k) for k in ("layers", "vision_depth", "dtype", "device", "batch",
+                                                     "image_size", "new_tokens", "trials", "reps")},
+               "torch": torch.__version__}
+    for impl, rs in results.items():
+        summary[impl] = {k: statistics.median(r[k] for r in rs) for k in ("prefill_s", "decode_tok_s", "peak_mem_gb")}
+    print(f"\n| {'':12} | prefill s | decode tok/s | peak mem GB |\n|---|---|---|---|")
+    for impl in impls:
+        s = summary[impl]
+        print(f"| {impl:12} | {s['prefill_s']:.3f} | {s['decode_tok_s']:.2f} | {s['peak_mem_gb']:.2f} |")
+    if "ours" in summary and "transformers" in summary:
+        o, t = summary["ours"], summary["transformers"]
+        summary["ratio"] = {"prefill_speedup": t["prefill_s"] / o["prefill_s"],
+                            "decode_speedup": o["decode_tok_s"] / t["decode_tok_s"],
+                            "peak_mem": o["peak_mem_gb"] / t["peak_mem_gb"]}
+        r = summary["ratio"]
+        print(f"| ours/transformers | {r['prefill_speedup']:.2f}x faster | {r['decode_speedup']:.2f}x | "
+              f"{r['peak_mem']:.2f}x |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
