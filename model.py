@@ -529,8 +529,10 @@ class Qwen2VL(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                return_hidden=False):
-        """Logits [B, T, V], or the final hidden states [B, T, D] with return_hidden=True (for chunked losses).
+                return_hidden=False, targets=None, chunk_size=1024):
+        """Logits [B, T, V]; or the final hidden states [B, T, D] with return_hidden=True; or, given `targets`
+        [B, T] (the token wanted at each position, -100 where none), the log-probabilities [B, T] of those
+        tokens (0 where -100), computed in chunks so that [tokens x vocab] logits never exist for the batch.
 
         attention_mask: [B, T], 0 on padding; values > 1 mark packed samples (tokens attend within their id)."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
@@ -546,6 +548,8 @@ class Qwen2VL(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         x = self.model.norm(x)
+        if targets is not None:  # inside forward, so a sharded lm_head is gathered like every other weight
+            return token_logprobs(x, self.lm_head.weight, targets, chunk_size)
         return x if return_hidden else self.lm_head(x)
 
     # -- generation --------------------------------------------------------------------------------------------
@@ -657,6 +661,30 @@ class Qwen2VL(nn.Module):
         save_checkpoint(self.config, state_dict if state_dict is not None else self.state_dict(), out_dir,
                         source_dir=self.source_dir, max_shard_bytes=max_shard_bytes,
                         generation_eos=self.generation_eos)
+
+
+def _chunk_logprobs(h, weight, tgt):
+    return torch.log_softmax((h @ weight.t()).float(), dim=-1).gather(-1, tgt[:, None])[:, 0]
+
+
+def token_logprobs(hidden, weight, targets, chunk_size=1024):
+    """log softmax(hidden @ weight.T)[target] at the positions where target != -100, in chunks of rows.
+
+    Each chunk is checkpointed: its [chunk x vocab] logits are dropped after use and recomputed in backward,
+    so memory holds one chunk's logits at a time (151936 columns make them the largest tensor of a step)."""
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    where = targets != -100
+    h, tgt = hidden[where], targets[where]
+    parts = []
+    for i in range(0, h.shape[0], chunk_size):
+        args = (h[i:i + chunk_size], weight, tgt[i:i + chunk_size])
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(*args))
+    if parts:
+        out = out.masked_scatter(where, torch.cat(parts))
+    return out
 
 
 def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, want_logprobs):

@@ -415,3 +415,22 @@ def test_command_line_answers_about_an_image(tiny_ckpt, tmp_path, capsys):
     assert printed == proc.decode(new[0]).strip() and len(new[0]) > 0
     with pytest.raises(FileNotFoundError, match="missing.png"):
         M.main(["--model", path, "--image", str(tmp_path / "missing.png"), "What?"])
+
+
+def test_target_logprobs_equal_full_logits_and_their_gradients(pair):
+    ours, _ = pair
+    cfg = ours.config
+    a, b = build_ids(cfg, ["Is there a ship near the harbour? yes"]), build_ids(cfg, ["Classify the scene: forest"])
+    n = min(len(a), len(b))
+    ids = torch.tensor([a[:n], b[:n]])
+    targets = ids[:, 1:].clone()
+    targets[0, :3] = -100
+    targets[1, -2:] = -100
+    x = ids[:, :-1]
+    lp = ours(x, targets=targets, chunk_size=5)
+    full = torch.log_softmax(ours(x), -1)
+    want = full.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+    assert (lp - want).abs().max() < 1e-5 and (lp[targets == -100] == 0).all()
+    g1 = torch.autograd.grad(lp.sum(), ours.lm_head.weight)[0]
+    g2 = torch.autograd.grad(want.sum(), ours.lm_head.weight)[0]
+    assert rel_err(g1, g2) < 1e-5
