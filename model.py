@@ -494,7 +494,12 @@ class Qwen2VL(nn.Module):
         self.visual.grad_ckpt = on
 
     # -- embedding of text and images ------------------------------------------------------------------------
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_groups=1):
+        """Token embeddings with each image's merged features at its <|image_pad|> tokens.
+
+        image_groups=G: rows come in groups of G that share their images (G completions of one prompt);
+        image_grid_thw lists every row's images, pixel_values only the first row's of each group, and the
+        vision tower encodes each group's images once."""
         c = self.config
         x = self.model.embed_tokens(input_ids)
         is_img = input_ids == c.image_token_id
@@ -505,16 +510,27 @@ class Qwen2VL(nn.Module):
             return x
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
-        image_grid_thw = image_grid_thw.to(torch.long)
-        n_patches = int(image_grid_thw.prod(-1).sum())
+        grids = image_grid_thw.to(torch.long)
+        m2 = c.vision.spatial_merge_size ** 2
+        expected = int(grids.prod(-1).sum()) // m2
+        if n_tokens != expected:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but the {len(grids)} image(s) of "
+                             f"image_grid_thw need {expected}: expand each <|image_pad|> with the processor")
+        if image_groups > 1:
+            # images per row = runs of image tokens; keep the grids of each group's first row
+            starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
+            per_row = starts.sum(-1).tolist()
+            firsts = torch.cat([g for r, g in enumerate(grids.split(per_row)) if r % image_groups == 0])
+        else:
+            firsts = grids
+        n_patches = int(firsts.prod(-1).sum())
         if pixel_values.shape[0] != n_patches:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes "
                              f"{n_patches}")
-        expected = n_patches // c.vision.spatial_merge_size ** 2
-        if n_tokens != expected:
-            raise ValueError(f"input_ids hold {n_tokens} image tokens but the {len(image_grid_thw)} image(s) of "
-                             f"image_grid_thw need {expected}: expand each <|image_pad|> with the processor")
-        feats = self.visual(pixel_values.to(self.device), image_grid_thw).to(x.dtype)
+        feats = self.visual(pixel_values.to(self.device), firsts).to(x.dtype)
+        if image_groups > 1:
+            per_group = is_img[::image_groups].sum(-1).tolist()
+            feats = torch.cat([f for f in feats.split(per_group) for _ in range(image_groups)])
         x = x.clone()
         x[is_img] = feats
         return x
@@ -529,13 +545,14 @@ class Qwen2VL(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                return_hidden=False, targets=None, chunk_size=1024):
+                return_hidden=False, targets=None, chunk_size=1024, image_groups=1):
         """Logits [B, T, V]; or the final hidden states [B, T, D] with return_hidden=True; or, given `targets`
         [B, T] (the token wanted at each position, -100 where none), the log-probabilities [B, T] of those
         tokens (0 where -100), computed in chunks so that [tokens x vocab] logits never exist for the batch.
 
-        attention_mask: [B, T], 0 on padding; values > 1 mark packed samples (tokens attend within their id)."""
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        attention_mask: [B, T], 0 on padding; values > 1 mark packed samples (tokens attend within their id).
+        image_groups: see `embed` (G rows sharing one prompt's images run the vision tower once)."""
+        x = self.embed(input_ids, pixel_values, image_grid_thw, image_groups)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
@@ -890,7 +907,12 @@ def save_checkpoint(config: Qwen2VLConfig, state_dict, out_dir, source_dir=None,
         for fn, content in (extra_files or {}).items():
             with open(os.path.join(tmp, fn), "w") as f:
                 f.write(content)
-        os.chmod(tmp, 0o755)
+        # mkdtemp (and safetensors) create private files; a checkpoint gets the usual umask-based modes
+        umask = os.umask(0)
+        os.umask(umask)
+        for fn in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fn), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         # Swap in: the old folder (if any) is moved aside first, so a crash leaves either the old or the new one.
         old = None
         if os.path.exists(out_dir):

@@ -189,6 +189,13 @@ def test_num_samples_encode_once_and_match_teacher_forcing(pair):
         logits = ours(full, fmask, pv_rep, thw_rep)[:, ids.shape[1] - 1:-1]
     want = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
     assert (lp - want).abs().max() < 1e-4
+    # the same forward with each prompt's image encoded once for its 3 rows
+    seen = []
+    h = ours.visual.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        grouped = ours(full, fmask, pv, thw_rep, image_groups=3)[:, ids.shape[1] - 1:-1]
+    h.remove()
+    assert seen == [pv.shape[0]] and rel_err(grouped, logits) < 1e-6
 
 
 def test_top_k_and_top_p_restrict_the_support():
