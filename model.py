@@ -136,7 +136,7 @@ class Qwen2VLConfig:
             "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "vision_config": {"depth": v.depth, "embed_dim": v.embed_dim, "num_heads": v.num_heads,
-                              "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size, "hidden_act": "quick_gelu",
+                              "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio, "patch_size": v.patch_size, "hidden_act": "quick_gelu",
                               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
                               "in_chans": v.in_chans, "hidden_size": v.hidden_size},
         }
@@ -619,6 +619,9 @@ class Qwen2VL(nn.Module):
             x = layer(x, cos, sin, mask, cache, i)
         cache.prefix_valid = attention_mask.bool()
         logits = self.lm_head(self.model.norm(x[:, -1]))  # [B, V]
+        # Image/video placeholders stand for vision features: a generated one could not be fed back (the update
+        # forward of GRPO would look for its image), so they are never sampled.
+        never = torch.tensor([c.image_token_id, c.video_token_id], device=dev)
         logits = logits.repeat_interleave(G, dim=0)
         next_pos = next_pos.repeat_interleave(G)
 
@@ -627,7 +630,8 @@ class Qwen2VL(nn.Module):
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
         steps = 0
         for step in range(max_new_tokens):
-            tok, lp = sample_tokens(logits, temperature, top_p, top_k, generator, gens, G, return_logprobs)
+            tok, lp = sample_tokens(logits.index_fill(-1, never, float("-inf")), temperature, top_p, top_k,
+                                    generator, gens, G, return_logprobs)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             if return_logprobs:

@@ -6,14 +6,23 @@ prompt's group, and take clipped policy-gradient steps with a KL penalty to a fr
 """
 from __future__ import annotations
 
-import torch
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
 
-SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
-    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
-    "The reasoning process and answer are enclosed within <reasoning> </reasoning> and <answer> </answer> tags, "
-    "respectively, i.e., <reasoning> reasoning process here </reasoning><answer> answer here </answer>"
-)
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+import data as D
+import model as M
+import rewards as R
+import train_sft as S
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,3 +78,381 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, beta: float, epsilon: float, 
         clipped = ((rho < 1 - epsilon) & (a < 0)) | ((rho > 1 + epsilon) & (a > 0))
         stats = {"kl": float((kl * mask).sum() / n_tok), "clip_frac": float((clipped.float() * mask).sum() / n_tok)}
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def infer_answer_type(question: str, answer: str) -> str:
+    """For records without one: a box answer or a {VG} question is "box", a short answer "closed", else "open"."""
+    if R.parse_boxes(answer) or question.lstrip().startswith("{VG}"):
+        return "box"
+    return "closed" if len(answer.split()) <= 4 else "open"
+
+
+def load_rl_records(paths, image_root=None) -> list[dict]:
+    """JSONL (or a JSON list) of {"image", "question", "answer", "answer_type"?}; image paths relative to
+    image_root (default: the file's folder). Errors name the file and record."""
+    out = []
+    for path in paths:
+        root = image_root or os.path.dirname(os.path.abspath(path))
+        for rec, where in D.read_records(path):
+            missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
+            if missing:
+                raise D.DataError(f"{where}: needs string fields image, question, answer; missing or not text: "
+                                  f"{missing}")
+            kind = R.answer_kind(rec.get("answer_type", infer_answer_type(rec["question"], rec["answer"])))
+            out.append({"id": rec.get("id", f"{os.path.basename(path)}:{len(out)}"),
+                        "image": os.path.join(root, rec["image"]), "question": rec["question"],
+                        "answer": rec["answer"], "answer_type": kind, "where": where})
+    if not out:
+        raise D.DataError(f"no records in {paths}")
+    return out
+
+
+def convert_vhm_rl(src: str, dst: str) -> int:
+    """VHM-RL conversation records (LLaVA form, one human and one gpt turn) -> our GRPO JSONL."""
+    n = 0
+    tmp = dst + ".tmp"
+    with open(tmp, "w") as f:
+        for rec, where in D.read_records(src):
+            msgs, images = D.conversation_messages(rec, where)
+            user = [m for m in msgs if m["role"] == "user"]
+            bot = [m for m in msgs if m["role"] == "assistant"]
+            if not user or not bot or len(images) != 1:
+                raise D.DataError(f"{where}: expected one image, a question and an answer")
+            q = " ".join(p["text"] for p in user[0]["content"] if p["type"] == "text").strip()
+            a = bot[0]["content"] if isinstance(bot[0]["content"], str) else \
+                " ".join(p["text"] for p in bot[0]["content"] if p["type"] == "text")
+            kind = rec.get("answer_type", rec.get("type", infer_answer_type(q, a)))
+            f.write(json.dumps({"id": rec.get("id", n), "image": images[0], "question": q, "answer": a.strip(),
+                                "answer_type": str(kind)}) + "\n")
+            n += 1
+    os.replace(tmp, dst)
+    return n
+
+
+def step_prompts(n_records: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Global record indices of one step: consecutive slices of a per-epoch shuffle (seeded by epoch)."""
+    out = []
+    pos = step * per_step
+    while len(out) < per_step:
+        epoch, i = divmod(pos, n_records)
+        order = list(range(n_records))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        take = min(per_step - len(out), n_records - i)
+        out += order[i:i + take]
+        pos += take
+    return out
+
+
+def sample_seed(seed: int, step: int, record: int) -> int:
+    """Sampling seed of one prompt at one step: independent of the rank that happens to roll it out."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{record}".encode()).digest()[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@contextmanager
+def gathered(model):
+    """Unshard every FSDP unit once for a whole rollout and reshard after: generation then runs on plain tensors
+    instead of all-gathering each layer for every generated token."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    model._get_fsdp_state()._lazy_init()  # the root must initialise before its layers are called one by one
+    for u in units:
+        u.unshard()
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True, recurse=False)
+
+
+def encode_prompts(proc, records, system_prompt):
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                    {"type": "text", "text": r["question"]}]}],
+                                      add_generation_prompt=True, system_prompt=system_prompt) for r in records]
+    images = []
+    for r in records:
+        try:
+            images.append(D.load_image(r["image"]))
+        except (OSError, ValueError) as e:
+            raise D.DataError(f"{r['where']}: {e}") from None
+    return proc(text=texts, images=images, padding_side="left")
+
+
+def rollout(model, batch, group, max_len, temperature, seeds, eos, device):
+    """G completions per prompt from one batched generate (each prompt and image encoded once)."""
+    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    pv = batch["pixel_values"]
+    model.eval()
+    with gathered(model):
+        tokens, logp = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      pv.to(device) if pv is not None else None, batch["image_grid_thw"],
+                                      max_new_tokens=max_len, temperature=temperature, num_samples=group,
+                                      eos_token_ids=eos, generator=gens, return_logprobs=True)
+    model.train()
+    return tokens, logp
+
+
+def completion_logprobs(model, batch, tokens, cmask, group, chunk, device):
+    """log pi(token) of each completion token under `model`: one forward over prompt + completion rows, the
+    prompt's image encoded once per group, log-probs only at completion positions (chunked)."""
+    ids = torch.cat([batch["input_ids"].to(device).repeat_interleave(group, 0), tokens], 1)
+    amask = torch.cat([batch["attention_mask"].to(device).repeat_interleave(group, 0), cmask.long()], 1)
+    P = batch["input_ids"].shape[1]
+    targets = torch.full_like(ids, -100)
+    targets[:, P - 1:-1] = tokens.masked_fill(cmask == 0, -100)
+    thw = batch["image_grid_thw"]
+    pv = batch["pixel_values"]
+    lp = model(ids, amask, pv.to(device) if pv is not None else None,
+               thw.repeat_interleave(group, 0) if thw is not None else None, targets=targets, chunk_size=chunk,
+               image_groups=group)
+    return lp[:, P - 1:-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def score(records, completions, group, names, judge, mode, spatial):
+    """Summed rewards per completion, each function's rewards, and (optionally) spatial-consistency weights."""
+    recs = [r for r in records for _ in range(group)]
+    per = R.compute_rewards(completions, [r["answer"] for r in recs], [r["answer_type"] for r in recs],
+                            [r["question"] for r in recs], names=names, judge=judge, mode=mode)
+    total = torch.tensor([sum(per[n][i] for n in names) for i in range(len(recs))], dtype=torch.float32)
+    weight = torch.ones(len(recs))
+    if spatial:
+        for b, r in enumerate(records):
+            if r["answer_type"] == "box":
+                weight[b * group:(b + 1) * group] = R.spatial_consistency(completions[b * group:(b + 1) * group])
+    return total, per, weight
+
+
+def train(args, d: S.Dist):
+    log = print if d.main else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    proc = D.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
+    records = load_rl_records(args.data, args.image_root)
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    judge = None
+    if any(r["answer_type"] == "open" for r in records) and args.judge_model:
+        judge = R.Judge(model=args.judge_model, base_url=args.judge_base_url)
+    total = args.max_steps or args.epochs * math.ceil(len(records) / args.prompts_per_step)
+    if args.prompts_per_step % d.world:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.world} ranks")
+    warmup = math.ceil(args.warmup_ratio * total)
+    resume = S.latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+
+    model = M.Qwen2VL.from_pretrained(resume or args.model, dtype=torch.float32, device="cpu")
+    S.freeze(model, args.freeze_vision, False, False)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    S.shard_model(model, d)
+    ref = None
+    if args.beta != 0:  # frozen reference: the starting model, sharded like the policy, never updated
+        ref = M.Qwen2VL.from_pretrained(args.model, dtype=torch.float32, device="cpu").requires_grad_(False)
+        S.shard_model(ref, d)
+        ref.eval()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(S.param_groups(model, args.lr, None, args.vision_lr, args.weight_decay))
+    start = 0
+    if resume:
+        state = S.load_training_checkpoint(resume, model, optimizer, d)
+        start = state["step"]
+        log(f"resumed from {resume} at step {start}")
+    os.makedirs(args.out, exist_ok=True)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, disable=not d.main, dynamic_ncols=True)
+    metrics = S.MetricsLogger(os.path.join(args.out, "metrics.jsonl"), d.main, start if resume else None, bar.write)
+    eos = model.default_eos()
+    G, per_rank = args.num_generations, args.prompts_per_step // d.world
+    last_ckpt = resume
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        idx = step_prompts(len(records), step, args.prompts_per_step, args.seed)
+        mine = idx[d.rank * per_rank:(d.rank + 1) * per_rank]  # a prompt's G completions stay on this rank
+        recs = [records[i] for i in mine]
+        batch = encode_prompts(proc, recs, args.system_prompt)
+        tokens, old_logp = rollout(model, batch, G, args.max_completion_len, args.temperature,
+                                   [sample_seed(args.seed, step, i) for i in mine], eos, d.device)
+        cmask, truncated = completion_mask(tokens, eos)
+        t1 = time.perf_counter()
+        completions = proc.batch_decode(tokens)
+        total_r, per, weight = score(recs, completions, G, names, judge, args.reward_mode, args.spatial_consistency)
+        adv = (group_advantages(total_r, G, not args.no_std_scale) * weight).to(d.device)
+        t2 = time.perf_counter()
+
+        n_tok_local = float(cmask.sum())
+        sizes = torch.tensor([len(recs) * G, n_tok_local], dtype=torch.float64, device=d.device)
+        dist.all_reduce(sizes)
+        n_total = float(sizes[1]) if args.token_mean else float(sizes[0])
+        ref_lp = []
+        if ref is not None:
+            with torch.no_grad():
+                for b0 in range(0, len(recs), args.micro_prompts):
+                    sl = slice(b0 * G, (b0 + args.micro_prompts) * G)
+                    ref_lp.append(completion_logprobs(ref, sub_batch(batch, b0, args.micro_prompts), tokens[sl],
+                                                      cmask[sl], G, args.ce_chunk, d.device))
+        stats_acc = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
+        grad_norm = 0.0
+        for it in range(args.iterations):
+            for j, b0 in enumerate(range(0, len(recs), args.micro_prompts)):
+                sl = slice(b0 * G, (b0 + args.micro_prompts) * G)
+                lp = completion_logprobs(model, sub_batch(batch, b0, args.micro_prompts), tokens[sl], cmask[sl], G,
+                                         args.ce_chunk, d.device)
+                old = lp.detach() if args.iterations == 1 else old_logp[sl]  # mu = 1: rho = 1 exactly
+                loss, st = grpo_loss(lp, old, ref_lp[j] if ref_lp else None, adv[sl], cmask[sl], args.beta,
+                                     args.epsilon, args.token_mean, n_total / d.world)
+                loss.backward()  # FSDP averages over ranks; n_total / world makes that the global mean
+                w = float(cmask[sl].sum()) / max(n_tok_local, 1.0)
+                stats_acc["kl"] += st["kl"] * w / args.iterations
+                stats_acc["clip_frac"] += st["clip_frac"] * w / args.iterations
+                stats_acc["loss"] += float(loss.detach()) / args.iterations
+            grad_norm = S.clip_grad_norm(trainable, args.max_grad_norm)
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm; stopped before the update. "
+                                         f"Last good checkpoint: {last_ckpt or 'none'}")
+            S.set_lr(optimizer, S.lr_factor(step, total, warmup))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        rec = step_metrics(step + 1, recs, G, total_r, per, names, cmask, truncated, stats_acc, d, tokens)
+        rec.update({"lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                    "judge_failures": judge.failures if judge else 0, "rollout_s": t1 - t0, "scoring_s": t2 - t1,
+                    "update_s": t3 - t2, "rollout_tokens_per_s": rec.pop("_gen_tokens") / max(t1 - t0, 1e-9),
+                    "peak_mem_gb": S.peak_memory_gb(d.device)})
+        metrics.log(rec)
+        bar.update(1)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            last_ckpt = S.save_training_checkpoint(args.out, step + 1, model, optimizer,
+                                                   {"total_steps": total, "seed": args.seed, "args": vars(args)},
+                                                   d, args.keep)
+    bar.close()
+    sd = S.full_state_dict(model)
+    final = os.path.join(args.out, "final")
+    if d.main:
+        M.save_checkpoint(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos)
+        log(f"saved {final}")
+    dist.barrier()
+    return final
+
+
+def sub_batch(batch, start, n):
+    """Prompts start..start+n of an encoded batch (rows, their images' patches and grids)."""
+    thw = batch["image_grid_thw"]
+    out = {"input_ids": batch["input_ids"][start:start + n], "attention_mask": batch["attention_mask"][start:start + n],
+           "pixel_values": None, "image_grid_thw": None}
+    if thw is not None:  # one image per prompt
+        patches = thw.prod(-1)
+        lo, hi = int(patches[:start].sum()), int(patches[:start + n].sum())
+        out["pixel_values"], out["image_grid_thw"] = batch["pixel_values"][lo:hi], thw[start:start + n]
+    return out
+
+
+def step_metrics(step, recs, G, total_r, per, names, cmask, truncated, st, d, tokens):
+    """Per-step numbers summed over ranks: reward mean/std, per function, accuracy by answer type, lengths."""
+    lengths = cmask.sum(-1)
+    types = ["box", "closed", "open"]
+    acc = per.get("accuracy", [0.0] * len(total_r))
+    kinds = [r["answer_type"] for r in recs for _ in range(G)]
+    vals = [len(total_r), float(total_r.sum()), float((total_r ** 2).sum()), float(lengths.sum()),
+            float(truncated.sum()), float(tokens.numel()), st["kl"], st["clip_frac"], st["loss"]]
+    vals += [float(sum(per[n])) for n in names]
+    for k in types:
+        vals += [float(sum(a for a, kk in zip(acc, kinds) if kk == k)), float(sum(kk == k for kk in kinds))]
+    t = torch.tensor(vals, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    mx = torch.tensor(float(lengths.max()) if len(lengths) else 0.0, dtype=torch.float64, device=d.device)
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX)
+    n = float(t[0])
+    mean = float(t[1]) / n
+    rec = {"step": step, "reward": mean, "reward_std": math.sqrt(max(float(t[2]) / n - mean ** 2, 0.0)),
+           "completion_len": float(t[3]) / n, "completion_len_max": float(mx), "truncated": float(t[4]) / n,
+           "kl": float(t[6]) / d.world, "clip_frac": float(t[7]) / d.world, "loss": float(t[8]) / d.world,
+           "_gen_tokens": float(t[3])}
+    for i, name in enumerate(names):
+        rec[f"reward_{name}"] = float(t[9 + i]) / n
+    base = 9 + len(names)
+    for i, k in enumerate(types):
+        if float(t[base + 2 * i + 1]) > 0:
+            rec[f"accuracy_{k}"] = float(t[base + 2 * i]) / float(t[base + 2 * i + 1])
+    return rec
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    a("--model", required=True, help="policy to start from (and the frozen reference): folder or hub id")
+    a("--data", required=True, action="append", help="JSONL of {image, question, answer, answer_type}; repeatable")
+    a("--image-root", default=None, help="folder image paths are relative to (default: the data file's folder)")
+    a("--out", required=True, help="output folder: metrics.jsonl, checkpoint-STEP/, final/")
+    a("--max-steps", type=int, default=None, help="steps (default: --epochs worth of prompts)")
+    a("--epochs", type=int, default=1)
+    a("--prompts-per-step", type=int, default=16, help="prompts per step over all ranks (paper: batch 16)")
+    a("--num-generations", type=int, default=4, help="G completions per prompt (paper: 4)")
+    a("--micro-prompts", type=int, default=1, help="prompts (x G completions) per forward in the update")
+    a("--max-completion-len", type=int, default=1024, help="new tokens per completion (paper: up to 8192)")
+    a("--temperature", type=float, default=1.0)
+    a("--lr", type=float, default=1e-6)
+    a("--vision-lr", type=float, default=None, help="default: --lr")
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-ratio", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0)
+    a("--beta", type=float, default=0.001, help="KL weight (paper: 0.001); 0 skips the reference model")
+    a("--epsilon", type=float, default=0.2, help="clip range of the ratio")
+    a("--iterations", type=int, default=1, help="updates per rollout batch (mu); 1: the paper's on-policy form")
+    a("--token-mean", action="store_true", help="average the loss over all tokens instead of per completion")
+    a("--no-std-scale", action="store_true", help="advantages r - mean(group), without dividing by the std")
+    a("--rewards", default="format,accuracy", help="summed reward functions: format, accuracy, positional")
+    a("--reward-mode", default="continuous", choices=R.MODES, help="paper Table III variants")
+    a("--spatial-consistency", action="store_true",
+      help="scale a box group's advantages by the mean pairwise IoU of its G boxes (RSGround-R1)")
+    a("--judge-model", default=None, help="LLM judge for open answers (e.g. gpt-4.1-mini); key: OPENAI_API_KEY")
+    a("--judge-base-url", default=None, help="any OpenAI-compatible endpoint")
+    a("--system-prompt", default=D.REASONING_SYSTEM_PROMPT)
+    a("--min-pixels", type=int, default=512 * 28 * 28)
+    a("--max-pixels", type=int, default=1280 * 28 * 28)
+    a("--freeze-vision", action="store_true")
+    a("--grad-ckpt", action="store_true")
+    a("--ce-chunk", type=int, default=1024, help="completion tokens per chunk of the log-prob computation")
+    a("--seed", type=int, default=0)
+    a("--save-every", type=int, default=0)
+    a("--keep", type=int, default=None)
+    a("--resume", nargs="?", const="latest", default=None)
+    a("--device", default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        p = argparse.ArgumentParser(prog="train_grpo.py convert", description="VHM-RL conversations -> GRPO JSONL")
+        p.add_argument("src")
+        p.add_argument("dst")
+        a = p.parse_args(argv[1:])
+        print(f"wrote {convert_vhm_rl(a.src, a.dst)} records to {a.dst}")
+        return None
+    args = parse_args(argv)
+    d = S.setup_distributed(args.device)
+    try:
+        out = train(args, d)
+    except BaseException:
+        S.teardown_distributed(ok=False)
+        raise
+    S.teardown_distributed()
+    return out
+
+
+if __name__ == "__main__":
+    main()
