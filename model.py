@@ -630,8 +630,7 @@ class Qwen2VL(nn.Module):
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
         steps = 0
         for step in range(max_new_tokens):
-            tok, lp = sample_tokens(logits.index_fill(-1, never, float("-inf")), temperature, top_p, top_k,
-                                    generator, gens, G, return_logprobs)
+            tok, lp = sample_tokens(logits, temperature, top_p, top_k, generator, gens, G, return_logprobs, never)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             if return_logprobs:
@@ -708,14 +707,16 @@ def token_logprobs(hidden, weight, targets, chunk_size=1024):
     return out
 
 
-def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, want_logprobs):
-    """Next token per row (greedy when temperature is 0) and, if asked, its log-probability."""
+def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, want_logprobs, banned=None):
+    """Next token per row (greedy when temperature is 0) and, if asked, its log-probability under
+    softmax(logits / temperature). `banned` token ids are never chosen (their mass still counts in the
+    log-probability, so it matches a plain forward pass of the model)."""
     logits = logits.float()
     logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
     if temperature <= 0:
-        tok = logits.argmax(-1)
+        tok = (logits if banned is None else logits.index_fill(-1, banned, float("-inf"))).argmax(-1)
     else:
-        scores = logp.clone()
+        scores = logp.clone() if banned is None else logp.index_fill(-1, banned, float("-inf"))
         if top_k and top_k < scores.shape[-1]:
             kth = scores.topk(top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
