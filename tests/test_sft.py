@@ -1,0 +1,429 @@
+"""Stages P/S/C: conversation data, labels, batching (data.py) and the FSDP2 loop (train_sft.py) on tiny models."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data as D
+import model as M
+import train_sft as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIXELS = ["--min-pixels", str(56 * 56), "--max-pixels", str(28 * 28 * 64)]
+SIZES = [(56, 56), (56, 112), (112, 84), (84, 84)]  # -> 4, 8, 12, 9 image tokens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny steps on a shared 2-core machine: extra intra-op threads only contend (10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_ckpt):
+    return D.Processor.from_pretrained(tiny_ckpt[0])
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(SIZES):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    return str(root)
+
+
+def write(path, recs, jsonl=True):
+    with open(path, "w") as f:
+        if jsonl:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+        else:
+            json.dump(recs, f, indent=1)
+    return str(path)
+
+
+def conv(*turns, image=None, **extra):
+    roles = {"h": "human", "g": "gpt", "s": "system"}
+    rec = {"conversations": [{"from": roles[t[0]], "value": t[1]} for t in turns], **extra}
+    if image is not None:
+        rec["image"] = image
+    return rec
+
+
+def learned_runs(item):
+    """Decoded text of each contiguous run of labelled tokens."""
+    lab = item["labels"]
+    on = (lab != D.IGNORE_INDEX).tolist() + [False]
+    runs, start = [], None
+    for i, o in enumerate(on):
+        if o and start is None:
+            start = i
+        elif not o and start is not None:
+            runs.append(lab[start:i].tolist())
+            start = None
+    return runs
+
+
+def one_item(proc, tmp_path, rec, **kw):
+    ds = D.ConversationDataset(write(tmp_path / "one.jsonl", [rec]), proc, kw.pop("image_root", None), **kw)
+    return ds, ds[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels (acceptance 1)
+
+
+def test_labels_single_turn_image_at_start_default_system(proc, images, tmp_path):
+    rec = conv(("h", "<image>\n{VQA} Is there a ship?"), ("g", "yes"), image="1.png")
+    ds, item = one_item(proc, tmp_path, rec, image_root=images)
+    ids, labels = item["input_ids"], item["labels"]
+    msgs, _ = D.conversation_messages(rec)
+    text = proc.apply_chat_template(msgs)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                           "<|vision_start|><|image_pad|><|vision_end|>{VQA} Is there a ship?<|im_end|>")
+    # the training ids are exactly what inference sees: the processor's prompt, then answer, <|im_end|>, "\n"
+    prompt = proc(proc.apply_chat_template(msgs[:1], add_generation_prompt=True),
+                  [os.path.join(images, "1.png")])["input_ids"][0]
+    answer = proc.encode("yes<|im_end|>\n")
+    assert ids.tolist() == prompt.tolist() + answer
+    assert (ids == proc.image_token_id).sum() == 8
+    assert [proc.decode(r, skip_special_tokens=False) for r in learned_runs(item)] == ["yes<|im_end|>"]
+    assert labels[-1] == D.IGNORE_INDEX and proc.decode(ids[-1:], False) == "\n"  # the newline is not learned
+    assert (labels[labels != D.IGNORE_INDEX] == ids[labels != D.IGNORE_INDEX]).all()
+    assert item["image_grid_thw"].tolist() == [[1, 4, 8]] and ds.samples[0].task == "VQA"
+
+
+def test_labels_multi_turn_system_turn_image_mid_text(proc, images, tmp_path):
+    rec = conv(("s", "You are an RS analyst."), ("h", "Compare the left part\n<image>\nwith the rest."),
+               ("g", "The left part is water."), ("h", "How many ships?"), ("g", "3 ships [[1, 2, 3, 4]]."),
+               image="0.png", task="counting")
+    _, item = one_item(proc, tmp_path, rec, image_root=images)
+    text = proc.decode(item["input_ids"], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nYou are an RS analyst.<|im_end|>\n<|im_start|>user\nCompare the "
+                           "left part<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>with the rest.")
+    assert "You are a helpful assistant" not in text
+    assert [proc.decode(r, skip_special_tokens=False) for r in learned_runs(item)] == [
+        "The left part is water.<|im_end|>", "3 ships [[1, 2, 3, 4]].<|im_end|>"]
+    assert D.task_of(rec, D.conversation_messages(rec)[0]) == "counting"
+
+
+def test_labels_without_image_and_custom_system_prompt(proc, tmp_path):
+    rec = conv(("h", "{CLS} Name a scene class."), ("g", "forest"))
+    _, item = one_item(proc, tmp_path, rec, system_prompt=D.REASONING_SYSTEM_PROMPT)
+    text = proc.decode(item["input_ids"], skip_special_tokens=False)
+    assert text == proc.apply_chat_template(D.conversation_messages(rec)[0], system_prompt=D.REASONING_SYSTEM_PROMPT)
+    assert item["pixel_values"] is None
+    assert [proc.decode(r, skip_special_tokens=False) for r in learned_runs(item)] == ["forest<|im_end|>"]
+
+
+def test_images_without_placeholders_go_first_and_several_images(proc, images, tmp_path):
+    rec = conv(("h", "Which image has more water?"), ("g", "The second."), image=["0.png", "3.png"])
+    msgs, paths = D.conversation_messages(rec)
+    assert [p.get("type") for p in msgs[0]["content"]] == ["image", "image", "text"] and paths == ["0.png", "3.png"]
+    _, item = one_item(proc, tmp_path, rec, image_root=images)
+    assert (item["input_ids"] == proc.image_token_id).sum() == 4 + 9 and len(item["image_grid_thw"]) == 2
+    with pytest.raises(D.DataError, match="1 <image> placeholders but 2 images"):
+        D.conversation_messages(conv(("h", "<image> which?"), ("g", "a"), image=["0.png", "1.png"]), "f: record 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Truncation, balancing, sharding, collation
+
+
+def test_truncation_never_cuts_an_image(proc, images, tmp_path):
+    long_answer = " ".join(["harbour"] * 60)
+    recs = [conv(("h", "<image>\nDescribe."), ("g", long_answer), image="2.png"),  # cut inside the answer
+            conv(("h", "Describe " * 30 + "<image>"), ("g", "ok"), image="2.png"),  # cut would split the image
+            conv(("h", "<image>" + " word" * 60), ("g", "ok"), image="0.png"),  # cut before any label
+            conv(("h", "<image>\nShort."), ("g", "fine"), image="0.png")]
+    ds = D.ConversationDataset(write(tmp_path / "t.jsonl", recs), proc, images, max_len=48)
+    assert ds.stats == {"records": 4, "bad": 0, "too_long_image": 1, "too_long_no_labels": 1, "truncated": 1}
+    assert len(ds) == 2
+    cut = ds[0]
+    assert len(cut["input_ids"]) == 48 and (cut["input_ids"] == proc.image_token_id).sum() == 12
+    assert (cut["labels"] != D.IGNORE_INDEX).sum() == ds.samples[0].n_labels > 0
+    assert ds.lengths[1] == len(ds[1]["input_ids"]) < 48
+
+
+def test_task_balancing_and_deterministic_epochs():
+    tasks = ["CLS"] * 50 + ["VG"] * 4 + ["VQA"] * 20
+    f = D.balance_factors(tasks, 5)
+    assert f == {"CLS": 1.0, "VG": 5.0, "VQA": 2.5}
+    counts = D.balanced_counts(tasks, f)
+    assert counts == {"CLS": 50, "VG": 20, "VQA": 50}
+    e0 = D.epoch_order(tasks, 0, seed=3, factors=f)
+    assert e0 == D.epoch_order(tasks, 0, seed=3, factors=f) != D.epoch_order(tasks, 1, seed=3, factors=f)
+    got = {t: sum(tasks[i] == t for i in e0) for t in counts}
+    assert got == counts
+    assert sorted(i for i in e0 if tasks[i] == "VG") == sorted(list(range(50, 54)) * 5)
+    assert sorted(D.epoch_order(10, 2, seed=0)) == list(range(10))
+
+
+def test_rank_sharding_covers_each_global_batch_once():
+    order = list(range(37))
+    lengths = [(i * 7) % 11 for i in order]
+    one = D.rank_steps(order, 8, 2, 0, 1, lengths)
+    two = [D.rank_steps(order, 8, 2, r, 2, lengths) for r in range(2)]
+    assert len(one) == 4 and len(two[0]) == len(two[1]) == 4  # the partial last batch is dropped
+    for s in range(4):
+        mine = [i for mb in one[s] for i in mb]
+        theirs = [i for r in range(2) for mb in two[r][s] for i in mb]
+        assert sorted(mine) == sorted(theirs) == order[8 * s:8 * s + 8]
+        assert all(len(mb) == 2 for mb in two[0][s] + two[1][s])
+        assert all(lengths[a] >= lengths[b] for a, b in zip(mine, mine[1:]))  # longest first: less padding
+    with pytest.raises(ValueError, match="must split"):
+        D.rank_steps(order, 8, 3, 0, 2)
+
+
+def test_pack_rows_fewest_balanced_rows():
+    lengths = [150, 100, 100, 50, 40, 10]
+    rows = D.pack_rows(lengths, 250)
+    loads = sorted(sum(lengths[i] for i in r) for r in rows)
+    assert loads == [150, 150, 150]  # 450 slots; 2 balanced rows need 2 x 240, first-fit's 250 + 200 2 x 250
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    assert D.pack_rows([100] + [10] * 7, 200) == [[0, 1, 2, 3, 4, 5, 6, 7]]
+    assert len(D.pack_rows([120, 120, 120], 200)) == 3
+    assert len(D.pack_rows([60, 58, 57, 56, 55], 128)) == 5  # 3 rows of ~116 would pad more than 5 of 60
+    with pytest.raises(ValueError, match="does not fit"):
+        D.pack_rows([300], 200)
+
+
+def test_collate_padding_and_packing_keep_samples_apart(proc, images, tmp_path, tiny_ckpt):
+    recs = [conv(("h", f"<image>\nQuestion {i}?"), ("g", "answer " * (1 + 5 * i)), image=f"{i % 4}.png")
+            for i in range(5)]
+    ds = D.ConversationDataset(write(tmp_path / "c.jsonl", recs), proc, images, max_len=128)
+    items = [ds[i] for i in range(5)]
+    padded = D.collate(items, proc.pad_id)
+    packed = D.collate(items, proc.pad_id, pack_len=128)
+    assert padded["input_ids"].shape[0] == 5 and packed["input_ids"].shape[0] < 5
+    assert packed["attention_mask"].max() > 1 and (packed["attention_mask"] > 0).sum(-1).max() <= 128
+    assert (padded["attention_mask"] > 0).sum() == (packed["attention_mask"] > 0).sum()
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    # images in the row-major order of their tokens
+    seen = []
+    for r in range(packed["input_ids"].shape[0]):
+        seg = packed["attention_mask"][r]
+        for k in range(1, int(seg.max()) + 1):
+            n = int((packed["input_ids"][r][seg == k] == proc.image_token_id).sum())
+            seen.append(n)
+    assert seen == (packed["image_grid_thw"].prod(-1) // 4).tolist()
+    # the model gives every sample the same log-probabilities packed or padded
+    model = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
+
+    def logps(b):
+        tgt = F.pad(b["labels"][:, 1:], (0, 1), value=D.IGNORE_INDEX)
+        with torch.no_grad():
+            lp = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], targets=tgt)
+        return sorted(lp[tgt != D.IGNORE_INDEX].tolist())
+
+    a, b = logps(padded), logps(packed)
+    assert len(a) == sum(s.n_labels for s in ds.samples) and np.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data (acceptance 7)
+
+
+def test_bad_data_errors_name_file_record_and_line(proc, images, tmp_path):
+    good = conv(("h", "<image>\nQ?"), ("g", "A"), image="0.png")
+    missing = conv(("h", "<image>\nQ?"), ("g", "A"), image="nope.png", id="m1")
+    path = write(tmp_path / "bad.json", [good, good, missing], jsonl=False)
+    with pytest.raises(D.DataError, match=r"bad\.json: record 2 \(id m1\): image file not found: .*nope\.png"):
+        D.ConversationDataset(path, proc, images)
+    ds = D.ConversationDataset(path, proc, images, skip_bad=True)
+    assert len(ds) == 2 and ds.stats["bad"] == 1 and "nope.png" in ds.bad_examples[0]
+
+    jl = tmp_path / "bad.jsonl"
+    jl.write_text(json.dumps(good) + "\n\n" + '{"conversations": [oops\n' + json.dumps(good) + "\n")
+    with pytest.raises(D.DataError, match=r"bad\.jsonl: line 3: malformed JSON"):
+        D.ConversationDataset(str(jl), proc, images)
+    ds = D.ConversationDataset(str(jl), proc, images, skip_bad=True)
+    assert len(ds) == 2 and ds.stats["bad"] == 1
+
+    (tmp_path / "broken.json").write_text('[\n {"conversations": []},\n {"image": ]\n]')
+    with pytest.raises(D.DataError, match=r"broken\.json: malformed JSON at line 3"):
+        D.ConversationDataset(str(tmp_path / "broken.json"), proc, images)
+
+    no_answer = write(tmp_path / "q.jsonl", [good, conv(("h", "Only a question"))])
+    with pytest.raises(D.DataError, match=r"q\.jsonl: record 1 \(line 2\): no assistant .* refused"):
+        D.ConversationDataset(no_answer, proc, images)
+    with pytest.raises(D.DataError, match="turn 0 needs 'from'"):
+        D.conversation_messages({"conversations": [{"from": "robot", "value": "x"}]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer pieces
+
+
+def test_param_groups_freezing_and_schedule(tiny_ckpt):
+    m = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
+    T.freeze(m, vision=True)
+    groups = {g["name"]: g for g in T.param_groups(m, 1e-3, merger_lr=5e-4, vision_lr=1e-4, weight_decay=0.1)}
+    assert set(groups) == {"llm", "llm_no_decay", "merger", "merger_no_decay"}  # frozen vision is left out
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = [names[id(p)] for p in groups["llm_no_decay"]["params"]]
+    assert any("layernorm" in n for n in nd) and any(n.endswith("q_proj.bias") for n in nd)
+    assert all(p.ndim >= 2 for p in groups["llm"]["params"]) and groups["llm_no_decay"]["weight_decay"] == 0.0
+    assert groups["merger"]["lr"] == 5e-4 and groups["llm"]["weight_decay"] == 0.1
+    assert not any(n.startswith("visual.blocks") for g in groups.values() for n in map(names.get, map(id, g["params"])))
+    f = [T.lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0 and f[55] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and 0 < f[99] < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loop (acceptance 2-5)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory, images):
+    root = tmp_path_factory.mktemp("sft")
+    qs = [("{CLS} Classify the scene.", ["forest", "harbour", "farmland"]), ("{VQA} Is there a building?",
+                                                                               ["yes", "no"]),
+          ("{VG} Locate the plane.", ["[[120, 340, 560, 780]]", "[[10, 20, 30, 40]]"])]
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(24):
+        q, answers = qs[i % 3] if i % 5 else qs[0]
+        turns = [("h", f"<image>\n{q}"), ("g", answers[int(rng.integers(len(answers)))])]
+        if i % 4 == 0:
+            turns += [("h", "Describe the image."), ("g", "A satellite image of a harbour with 3 ships.")]
+        recs.append(conv(*turns, image=f"{i % 4}.png", id=f"r{i}"))
+    path = write(root / "train.jsonl", recs)
+    # 8 samples that can be learned exactly: each image/question pair has one answer
+    small = [conv(("h", f"<image>\n{qs[i % 3][0]} #{i}"), ("g", qs[i % 3][1][i % 2]), image=f"{i % 4}.png")
+             for i in range(8)]
+    return path, write(root / "train8.jsonl", small), root
+
+
+def base_args(ckpt, data_path, images, out, *extra):
+    return ["--model", ckpt, "--data", data_path, "--image-root", images, "--out", str(out), "--max-steps", "6",
+            "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0", "--max-len", "128",
+            *PIXELS, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_close(a, b, keys=("loss", "grad_norm"), rel=1e-5):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert abs(ra[k] - rb[k]) <= rel * abs(rb[k]), (k, ra["step"], ra[k], rb[k])
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_ckpt, train_data, images, tmp_path_factory):
+    """One process, 6 steps, a checkpoint every 2 steps."""
+    out = tmp_path_factory.mktemp("base")
+    final = T.main(base_args(tiny_ckpt[0], train_data[0], images, out, "--save-every", "2"))
+    return out, final
+
+
+def test_metrics_and_first_loss_is_token_mean_of_global_batch(baseline, tiny_ckpt, proc, train_data, images):
+    out, final = baseline
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and final == os.path.join(out, "final")
+    for r in rows:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb"} <= set(r) and r["tokens_per_s"] > 0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # step 1, recomputed with full logits: sum of per-token CE over the global batch / its label tokens
+    ds = D.ConversationDataset(train_data[0], proc, images, max_len=128)
+    order = D.epoch_order(ds.tasks, 0, 0, D.balance_factors(ds.tasks, 5.0))[:4]
+    model = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
+    total, n = 0.0, 0
+    for i in order:
+        it = ds[i]
+        with torch.no_grad():
+            logits = model(it["input_ids"][None], None, it["pixel_values"], it["image_grid_thw"])[0]
+        total += F.cross_entropy(logits[:-1], it["labels"][1:], reduction="sum").item()
+        n += int((it["labels"][1:] != D.IGNORE_INDEX).sum())
+    assert rows[0]["label_tokens"] == n and rows[0]["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("grad_ckpt", [False, True])
+def test_two_ranks_equal_one_process(baseline, tiny_ckpt, train_data, images, tmp_path, grad_ckpt):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_sft.py"),
+           *base_args(tiny_ckpt[0], train_data[0], images, out, "--micro-batch", "1",
+                      *(["--grad-ckpt"] if grad_ckpt else []))]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_close(metrics(out), metrics(baseline[0]))
+
+
+def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_ckpt, train_data, images, tmp_path):
+    out = tmp_path / "resume"
+    args = base_args(tiny_ckpt[0], train_data[0], images, out, "--save-every", "2", "--keep", "1")
+    assert T.main(args + ["--stop-after", "3"]) is None  # "interrupted" after step 3; checkpoint-2 is the newest
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
+    os.makedirs(out / ".checkpoint-4.tmp")  # a save that crashed half way is never resumed from
+    assert T.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
+    T.main(args + ["--resume"])
+    assert_close(metrics(out), metrics(baseline[0]), rel=1e-6)  # steps 3..6 re-run from checkpoint-2
+    assert os.listdir(out / "checkpoint-4") and not os.path.exists(out / "checkpoint-2")  # --keep 1
+    assert os.path.isfile(out / "final" / "model.safetensors")
+
+
+def test_final_checkpoint_loads_in_transformers(baseline, proc, train_data, images):
+    from transformers import Qwen2VLForConditionalGeneration
+    final = baseline[1]
+    ours = M.Qwen2VL.from_pretrained(final)
+    start = M.Qwen2VL.from_pretrained(os.path.join(baseline[0], "checkpoint-2"))
+    assert not torch.equal(ours.lm_head.weight, start.lm_head.weight)  # trained past the checkpoint
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
+    ds = D.ConversationDataset(train_data[0], D.Processor.from_pretrained(final), images, max_len=128)
+    b = D.collate([ds[0], ds[1], ds[5]], proc.pad_id)
+    ids, mask, pv, thw = b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"]
+    with torch.no_grad():
+        a = ours(ids, mask, pv, thw)
+        mm = (ids == hf.config.image_token_id).int()
+        pos, _ = hf.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=thw, attention_mask=mask)
+        h = hf(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw, mm_token_type_ids=mm,
+               position_ids=pos).logits
+    m = mask.bool()
+    assert ((a - h)[m].abs().max() / h[m].abs().max()).item() < 1e-5
+    with open(os.path.join(final, "preprocessor_config.json")) as f:
+        assert json.load(f)["max_pixels"] == 28 * 28 * 64  # the pixel limits it was trained with
+
+
+def test_overfit_eight_samples_and_pack_equals_unpacked(tiny_ckpt, train_data, images, tmp_path):
+    args = ["--model", tiny_ckpt[0], "--data", train_data[1], "--image-root", images, "--max-steps", "40",
+            "--global-batch", "8", "--micro-batch", "8", "--lr", "3e-3", "--weight-decay", "0", "--no-balance",
+            "--workers", "0", "--max-len", "128", *PIXELS]
+    T.main(args + ["--out", str(tmp_path / "packed"), "--pack"])
+    packed = metrics(tmp_path / "packed")
+    assert packed[-1]["loss"] < 0.05 and packed[0]["loss"] > 3
+    T.main(args + ["--out", str(tmp_path / "plain"), "--stop-after", "8"])
+    plain = metrics(tmp_path / "plain")
+    assert_close(packed[:8], plain)
+    assert all(a["tokens"] == b["tokens"] for a, b in zip(packed, plain))  # same real tokens, fewer rows
+
+
+def test_nan_loss_stops_naming_the_step(tiny_ckpt, train_data, images, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = T.forward_logprobs
+
+    def poisoned(model, batch, targets, chunk):
+        calls["n"] += 1
+        lp = real(model, batch, targets, chunk)
+        return lp * float("nan") if calls["n"] == 5 else lp  # micro-batch 1 of step 3
+
+    monkeypatch.setattr(T, "forward_logprobs", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss .*checkpoint-2"):
+        T.main(base_args(tiny_ckpt[0], train_data[0], images, out, "--save-every", "1"))
+    assert T.latest_checkpoint(str(out)).endswith("checkpoint-2") and not os.path.exists(out / "final")
+    assert [r["step"] for r in metrics(out)] == [1, 2]
