@@ -273,6 +273,8 @@ def train(args, d: S.Dist):
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, disable=not d.main, dynamic_ncols=True)
     metrics = S.MetricsLogger(os.path.join(args.out, "metrics.jsonl"), d.main, start if resume else None, bar.write)
+    if d.main and not resume and os.path.exists(os.path.join(args.out, "completions.jsonl")):
+        os.remove(os.path.join(args.out, "completions.jsonl"))
     eos = model.default_eos()
     G, per_rank = args.num_generations, args.prompts_per_step // d.world
     last_ckpt = resume
@@ -313,9 +315,9 @@ def train(args, d: S.Dist):
                 loss, st = grpo_loss(lp, old, ref_lp[j] if ref_lp else None, adv[sl], cmask[sl], args.beta,
                                      args.epsilon, args.token_mean, n_total / d.world)
                 loss.backward()  # FSDP averages over ranks; n_total / world makes that the global mean
-                w = float(cmask[sl].sum()) / max(n_tok_local, 1.0)
-                stats_acc["kl"] += st["kl"] * w / args.iterations
-                stats_acc["clip_frac"] += st["clip_frac"] * w / args.iterations
+                w = float(cmask[sl].sum()) / args.iterations  # token-weighted sums, divided once all ranks add up
+                stats_acc["kl"] += st["kl"] * w
+                stats_acc["clip_frac"] += st["clip_frac"] * w
                 stats_acc["loss"] += float(loss.detach()) / args.iterations
             grad_norm = S.clip_grad_norm(trainable, args.max_grad_norm)
             if not math.isfinite(grad_norm):
@@ -325,6 +327,15 @@ def train(args, d: S.Dist):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
+        if args.log_completions:  # every rollout, gathered on rank 0, for reading what the policy does
+            rows = [{"step": step + 1, "id": r["id"], "sample": g, "completion": completions[b * G + g],
+                     "reward": float(total_r[b * G + g]), "advantage": float(adv[b * G + g])}
+                    for b, r in enumerate(recs) for g in range(G)]
+            gathered_rows = [None] * d.world
+            dist.all_gather_object(gathered_rows, rows)
+            if d.main:
+                with open(os.path.join(args.out, "completions.jsonl"), "a") as f:
+                    f.writelines(json.dumps(x) + "\n" for part in gathered_rows for x in part)
         rec = step_metrics(step + 1, recs, G, total_r, per, names, cmask, truncated, stats_acc, d, tokens)
         rec.update({"lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                     "judge_failures": judge.failures if judge else 0, "rollout_s": t1 - t0, "scoring_s": t2 - t1,
@@ -377,7 +388,8 @@ def step_metrics(step, recs, G, total_r, per, names, cmask, truncated, st, d, to
     mean = float(t[1]) / n
     rec = {"step": step, "reward": mean, "reward_std": math.sqrt(max(float(t[2]) / n - mean ** 2, 0.0)),
            "completion_len": float(t[3]) / n, "completion_len_max": float(mx), "truncated": float(t[4]) / n,
-           "kl": float(t[6]) / d.world, "clip_frac": float(t[7]) / d.world, "loss": float(t[8]) / d.world,
+           "kl": float(t[6]) / max(float(t[3]), 1.0), "clip_frac": float(t[7]) / max(float(t[3]), 1.0),
+           "loss": float(t[8]) / d.world,
            "_gen_tokens": float(t[3])}
     for i, name in enumerate(names):
         rec[f"reward_{name}"] = float(t[9 + i]) / n
@@ -426,6 +438,7 @@ def parse_args(argv=None):
     a("--grad-ckpt", action="store_true")
     a("--ce-chunk", type=int, default=1024, help="completion tokens per chunk of the log-prob computation")
     a("--seed", type=int, default=0)
+    a("--log-completions", action="store_true", help="append every rollout to OUT/completions.jsonl")
     a("--save-every", type=int, default=0)
     a("--keep", type=int, default=None)
     a("--resume", nargs="?", const="latest", default=None)
