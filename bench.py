@@ -6,6 +6,7 @@ medians over trials and the ratio ours / transformers. Default: the real Qwen2-V
     python bench.py                       # 2B widths, fp32, CPU, one 448x448 image + a question, batch 1
     python bench.py --layers 4 --dtype bfloat16 --json out.json
     python bench.py --device cuda --dtype bfloat16 --batch 16
+    python bench.py rollout --layers 8 --group 4    # GRPO rollout: one batched call vs G calls per prompt
 """
 from __future__ import annotations
 
@@ -122,13 +123,11 @@ def child(a):
         from transformers import Qwen2VLForConditionalGeneration
         m = Qwen2VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=dtype, attn_implementation="sdpa").to(dev)
         m.eval()
-        extra = {}
         import inspect
-        if "mm_token_type_ids" in inspect.signature(m.forward).parameters:
-            extra = "mm"
+        takes_mm = "mm_token_type_ids" in inspect.signature(m.forward).parameters  # transformers >= 5
 
         def gen(n):
-            kw = {"mm_token_type_ids": (ids == m.config.image_token_id).int()} if extra else {}
+            kw = {"mm_token_type_ids": (ids == m.config.image_token_id).int()} if takes_mm else {}
             with torch.inference_mode():
                 return m.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
@@ -154,7 +153,50 @@ def child(a):
                       "peak_mem_gb": mem.peak / 1e9, "prompt_tokens": ids.shape[1]}))
 
 
+def rollout_bench(a):
+    """G completions per prompt from one generate(num_samples=G) call, against the public reference's way: one
+    generate call per completion, each re-encoding the prompt and its image. Same model, same process."""
+    dtype, dev = DTYPES[a.dtype], a.device
+    tmp = tempfile.mkdtemp(prefix="bench-rollout-")
+    try:
+        make_checkpoint(os.path.join(tmp, "m"), a.layers, a.vision_depth, dtype)
+        m = M.Qwen2VL.from_pretrained(os.path.join(tmp, "m"), dtype=dtype, device=dev)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ids, mask, pv, thw = inputs(m.config, a.batch, a.image_size, a.text_tokens, dev)
+    per_image = int(thw[0].prod())
+
+    def batched():
+        return m.generate(ids, mask, pv, thw, max_new_tokens=a.new_tokens, temperature=1.0, num_samples=a.group,
+                          eos_token_ids=[])
+
+    def one_at_a_time():
+        for b in range(a.batch):
+            for _ in range(a.group):
+                m.generate(ids[b:b + 1], mask[b:b + 1], pv[b * per_image:(b + 1) * per_image], thw[b:b + 1],
+                           max_new_tokens=a.new_tokens, temperature=1.0, eos_token_ids=[])
+    res = {}
+    for name, fn in [("batched", batched), ("one_at_a_time", one_at_a_time)] * 2:  # A B A B
+        sync(dev)
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        res.setdefault(name, []).append(time.perf_counter() - t)
+    out = {k: statistics.median(v) for k, v in res.items()}
+    out["speedup"] = out["one_at_a_time"] / out["batched"]
+    out["tokens"] = a.batch * a.group * a.new_tokens
+    print(f"{a.batch} prompts x G={a.group}, {a.new_tokens} new tokens each: batched {out['batched']:.2f} s, "
+          f"one call per completion {out['one_at_a_time']:.2f} s -> {out['speedup']:.2f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
 def main(argv=None):
+    import sys as _sys
+    argv = _sys.argv[1:] if argv is None else argv
+    rollout = argv[:1] == ["rollout"]
+    argv = argv[1:] if rollout else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (2B: 28)")
     ap.add_argument("--vision-depth", type=int, default=32, help="vision blocks (2B: 32)")
@@ -170,8 +212,11 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile our forward (GPU)")
     ap.add_argument("--ckpt", default=None, help="an existing checkpoint instead of random 2B-width weights")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--group", type=int, default=4, help="rollout: completions per prompt (G)")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)  # internal: run one trial
     a = ap.parse_args(argv)
+    if rollout:
+        return rollout_bench(a)
     if a.impl:
         return child(a)
 
