@@ -618,7 +618,7 @@ class Qwen2VL(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, mask, cache, i)
         cache.prefix_valid = attention_mask.bool()
-        logits = self.lm_head(self.model.norm(x[:, -1]))  # [B, V]
+        logits = self.lm_head(self.model.norm(x[:, -1:]))[:, 0]  # [B, V]
         # Image/video placeholders stand for vision features: a generated one could not be fed back (the update
         # forward of GRPO would look for its image), so they are never sampled.
         never = torch.tensor([c.image_token_id, c.video_token_id], device=dev)
@@ -645,7 +645,7 @@ class Qwen2VL(nn.Module):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, None, cache, i)
             cache.n += 1
-            logits = self.lm_head(self.model.norm(x[:, -1]))
+            logits = self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
         out = out[:, :steps]
         return (out, logps[:, :steps]) if return_logprobs else out
 
