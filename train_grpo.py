@@ -456,15 +456,7 @@ def main(argv=None):
         a = p.parse_args(argv[1:])
         print(f"wrote {convert_vhm_rl(a.src, a.dst)} records to {a.dst}")
         return None
-    args = parse_args(argv)
-    d = S.setup_distributed(args.device)
-    try:
-        out = train(args, d)
-    except BaseException:
-        S.teardown_distributed(ok=False)
-        raise
-    S.teardown_distributed()
-    return out
+    return S.launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":

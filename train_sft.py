@@ -478,16 +478,20 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def launch(train_fn, args):
+    """Run train_fn(args, dist) inside a process group, leaving it cleanly on success and at once on error."""
     d = setup_distributed(args.device)
     try:
-        out = train(args, d)
+        out = train_fn(args, d)
     except BaseException:
         teardown_distributed(ok=False)
         raise
     teardown_distributed()
     return out
+
+
+def main(argv=None):
+    return launch(train, parse_args(argv))
 
 
 if __name__ == "__main__":
