@@ -1,0 +1,645 @@
+"""Evaluate a Qwen2-VL / TinyRS checkpoint on the paper's benchmarks (Table I) with honest metrics.
+
+    python evaluate.py --model CKPT --data-root DIR --tasks all --out runs/eval [--mode plain|think|qwen]
+    torchrun --nproc_per_node=N evaluate.py ...             # records split over ranks; same results as one
+    python evaluate.py score --task-type vqa preds.jsonl     # score any system's predictions, print JSON
+    python evaluate.py compare runs/a runs/b                 # several runs side by side, like Table I
+
+Benchmark files follow the RSRM layout (REFERENCE.md §3). Each task writes OUT/<task>.jsonl as it goes
+(a header line with the run's settings, then one line per record: raw output in "pred", parsed prediction,
+score, time) and resumes from it; OUT/metrics.json and OUT/results.md summarise. Text accuracy is reported
+twice: strict (normalised exact match; empty is wrong) and lenient, the public rule behind published numbers
+(spaces removed, lower case, `prediction in answer`: an empty prediction counts as correct).
+
+--zoom (RSCoVLM's Zoom-in Chain): for an image over the processor's pixel budget, pass 1 asks, on the
+downscaled image, for the box of the region that answers the question; pass 2 asks the question on that
+region cut from the full-resolution image (with a margin, and at least the budget's side long so it is seen
+near native resolution). Boxes answered on a crop are mapped back to the full image before scoring.
+--speed runs plain and think modes into OUT/plain and OUT/think and writes a Table-V-style OUT/speed.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data import REASONING_SYSTEM_PROMPT, TASK_PROMPTS, Processor, load_image
+from rewards import _BRACKET_BOX, closed_match, extract_answer, iou, parse_boxes
+
+TASKS = {  # name: (file stem under --data-root, task type, group), in Table I's order
+    "AID": ("cls_AID", "cls", "classification"),
+    "METER-ML": ("cls_METER_ML", "cls", "classification"),
+    "NWPU": ("cls_NWPU_RESISC45", "cls", "classification"),
+    "SIRI-WHU": ("cls_SIRI_WHU", "cls", "classification"),
+    "WHU-RS19": ("cls_WHU_RS19", "cls", "classification"),
+    "HR-comp": ("RSVQA_HR-comp_RSVQA", "vqa", "vqa"),
+    "HR-presence": ("RSVQA_HR-presence_RSVQA", "vqa", "vqa"),
+    "LR-comp": ("RSVQA_LR-comp_RSVQA", "vqa", "vqa"),
+    "LR-presence": ("RSVQA_LR-presence_RSVQA", "vqa", "vqa"),
+    "LR-rural": ("RSVQA_LR-rural_urban_RSVQA", "vqa", "vqa"),
+    "DIOR-RSVG": ("VG_DOIR_RSVG_test", "bbox", "grounding"),
+    "LHRS-Bench": ("LHRS-Bench", "mcq", "knowledge"),
+}
+GROUPS = {"classification": "Classification", "vqa": "VQA", "grounding": "Grounding",
+          "knowledge": "Gen. Know.", "custom": "Other"}
+TASK_TYPES = ("cls", "vqa", "bbox", "mcq")
+MODES = ("plain", "think", "qwen")
+LHRS_TYPES = {"1": "identity", "2": "color", "3": "orientation", "4": "shape", "5": "quantity", "6": "area",
+              "7": "distance", "8": "resolution", "9": "modality", "10": "location", "11": "reasoning"}
+AREA_LEVELS = (("S", 32 ** 2), ("M", 96 ** 2), ("L", math.inf))  # by ground-truth box area in pixels
+
+# plain/think: data.TASK_PROMPTS, the very wording our SFT/GRPO data wraps questions in (a VHM task tag, then a
+# short answer instruction; boxes come back as [[x1, y1, x2, y2]] in 0..1000); think adds the GRPO system prompt.
+# qwen: our wording of the base model's habits, with its native grounding request, answered as (x1,y1),(x2,y2).
+QWEN = {"cls": "{q}\nAnswer with the name of one scene class.",
+        "vqa": "{q}\nAnswer the question using a single word or phrase.",
+        "bbox": "Output the bounding box of <|object_ref_start|>{q}<|object_ref_end|> in the image.",
+        "mcq": "{q}\nAnswer with the letter of the correct option."}
+ZOOM_QUESTION = 'the part of the image needed to answer "{q}"'  # pass 1 asks for this region as a box
+
+
+def build_prompt(proc, question: str, task_type: str, mode: str) -> str:
+    tpl = (QWEN if mode == "qwen" else TASK_PROMPTS)[task_type]
+    content = [{"type": "image"}, {"type": "text", "text": tpl.replace("{q}", question)}]
+    return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                    system_prompt=REASONING_SYSTEM_PROMPT if mode == "think" else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark files
+@dataclass
+class Record:
+    index: int
+    image: str
+    question: str
+    answer: object
+    types: list = field(default_factory=list)
+
+
+def load_records(path) -> list[Record]:
+    """Records of an RSRM-layout file; images sit in the folder named after the file unless `image_path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of records")
+    out = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict) or "image" not in it:
+            raise ValueError(f"{path}: record {i} is not an object with an 'image'")
+        turns = {}
+        for t in it.get("conversations") or []:
+            if isinstance(t, dict):
+                turns.setdefault(t.get("from"), t.get("value"))  # the first of each
+        if turns.get("human") is None or turns.get("gpt") is None:
+            raise ValueError(f"{path}: record {i} has no human or no gpt turn in 'conversations'")
+        folder = Path(it.get("image_path") or path.stem)
+        folder = folder if folder.is_absolute() else path.parent / folder
+        question = re.sub(r"<image>\s*", "", str(turns["human"])).strip()
+        types = it.get("type") or []
+        out.append(Record(i, str(folder / it["image"]), question, turns["gpt"],
+                          [str(t) for t in (types if isinstance(types, list) else [types])]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring: one code path for the main command, `score` and the test's recomputation
+def pixel_boxes(answer) -> list[list[float]]:
+    """Ground-truth boxes in pixels: "[x1, y1, x2, y2]" in text, or a list (of lists) of numbers.
+    Not rewards.parse_boxes: that clamps to 0..1000, and pixel boxes of large images go past 1000."""
+    if isinstance(answer, (list, tuple)):
+        boxes = [answer] if answer and not isinstance(answer[0], (list, tuple)) else answer
+        boxes = [[float(v) for v in b] for b in boxes if len(b) == 4]
+    else:
+        boxes = [[float(g) for g in m.groups()] for m in _BRACKET_BOX.finditer(str(answer))]
+    return [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] for b in boxes]
+
+
+def area_level(box) -> str:
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return next(name for name, limit in AREA_LEVELS if area < limit)
+
+
+def lenient_match(raw, answer, task_type: str) -> float:
+    """The public evaluation's rule, kept only so numbers compare with published ones: drop the text up to
+    </reasoning>, keep what is inside <answer>, remove spaces, cut at the first '.' (and ',' for cls/vqa),
+    lower-case, then `prediction in answer`. Empty or truncated-to-nothing predictions count as correct."""
+    p, a = str(raw), str(answer)
+    if "<reasoning>" in p:
+        try:
+            p = p.split("<reasoning>")[1].split("</reasoning>")[1]
+        except IndexError:  # unclosed reasoning: the public code keeps the whole text
+            pass
+    if "<answer>" in p:
+        p = p.split("<answer>")[1].split("</answer>")[0]
+    if task_type == "mcq":
+        p = p.split(".")[0].replace(" ", "").lower()
+        a = a.replace(" ", "").replace(".", "").lower()
+    else:
+        p = p.replace(" ", "").split(".")[0].split(",")[0].strip().lower()
+        a = a.replace(" ", "").strip().lower()
+    return float(p in a)
+
+
+def score_record(task_type: str, pred, answer, question: str = "", size=None, crop=None) -> dict:
+    """Fields scoring one raw output `pred`. bbox: predicted boxes are 0..1000 of the view the model saw
+    (the image, or `crop` [x0, y0, x1, y1] of it), scaled to pixels of an image of `size` [w, h]; each
+    ground-truth box is paired with the predicted box in the same position (missing: IoU 0)."""
+    text = extract_answer(pred)
+    if task_type == "bbox":
+        gts = pixel_boxes(answer)
+        if not gts:
+            raise ValueError(f"ground truth {answer!r} has no [x1, y1, x2, y2] box")
+        if not size:
+            raise ValueError("grounding needs the image size [w, h]")
+        x0, y0, x1, y1 = crop or (0, 0, size[0], size[1])
+        sx, sy = (x1 - x0) / 1000, (y1 - y0) / 1000
+        boxes = [[x0 + b[0] * sx, y0 + b[1] * sy, x0 + b[2] * sx, y0 + b[3] * sy] for b in parse_boxes(text)]
+        ious = [iou(boxes[i], g) if i < len(boxes) else 0.0 for i, g in enumerate(gts)]
+        return {"parsed": [[round(v, 2) for v in b] for b in boxes], "iou": ious,
+                "level": [area_level(g) for g in gts], "score": sum(ious) / len(ious)}
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    # Options are read from the question only for multiple choice, where "B" must match "B. forest".
+    strict = closed_match(text, answer, question if task_type == "mcq" else None)
+    return {"parsed": text, "strict": strict, "lenient": lenient_match(pred, answer, task_type), "score": strict}
+
+
+def _mean(xs):
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(task_type: str, lines) -> dict:
+    """Task metrics from record lines ({"pred", "answer", "question"?, "size"?, "type"?, "crop"?, timing?}),
+    each rescored from its raw output."""
+    rows = [dict(ln, **score_record(task_type, ln["pred"], ln["answer"], ln.get("question", ""),
+                                    ln.get("size"), ln.get("crop"))) for ln in lines]
+    m = {"n": len(rows)}
+    if task_type == "bbox":
+        pairs = [(v, lv) for r in rows for v, lv in zip(r["iou"], r["level"])]
+        m.update({"pr@0.5": _mean(v >= 0.5 for v, _ in pairs), "mean_iou": _mean(v for v, _ in pairs),
+                  "n_boxes": len(pairs), "n_no_box": sum(not r["parsed"] for r in rows)})
+        for name, _ in AREA_LEVELS:
+            sel = [v for v, lv in pairs if lv == name]
+            m[f"pr@0.5_{name}"], m[f"n_{name}"] = _mean(v >= 0.5 for v in sel), len(sel)
+        m["score"], m["score_lenient"] = m["pr@0.5"], None
+    else:
+        m.update({"acc_strict": _mean(r["strict"] for r in rows), "acc_lenient": _mean(r["lenient"] for r in rows),
+                  "n_empty": sum(not r["parsed"] for r in rows)})
+        if task_type == "mcq":
+            per = {}
+            for r in rows:
+                types = r.get("type") or []
+                for t in types if isinstance(types, list) else [types]:  # one type may come bare
+                    per.setdefault(LHRS_TYPES.get(str(t), str(t)), []).append(r)
+            m["by_type"] = {k: {"n": len(v), "acc_strict": _mean(r["strict"] for r in v),
+                                "acc_lenient": _mean(r["lenient"] for r in v)} for k, v in sorted(per.items())}
+        m["score"], m["score_lenient"] = m["acc_strict"], m["acc_lenient"]
+    timed = [r for r in rows if "seconds" in r]
+    if timed:
+        secs, toks = sum(r["seconds"] for r in timed), sum(r["new_tokens"] for r in timed)
+        m.update({"sec_per_sample": secs / len(timed), "tokens_per_sec": toks / secs if secs > 0 else None,
+                  "new_tokens_mean": toks / len(timed), "peak_mem_gb": max(r["peak_mem_gb"] for r in timed)})
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zoom-in chain geometry
+def zoom_crop(box, size, min_side: int, margin: float = 0.25) -> list[int]:
+    """Full-resolution crop [x0, y0, x1, y1] for `box` given in 0..1000 of a downscaled view of an image of
+    `size` [w, h]. The view shows the whole image, so 0..1000 spans 0..w and 0..h whatever the downscale.
+    The box grows by `margin` of its size per side (context, and slack for a coarse first look), then to at
+    least `min_side` (a smaller crop would only be upsampled), and is shifted, not shrunk, to fit inside."""
+    out = []
+    for lo, hi, limit in ((box[0], box[2], size[0]), (box[1], box[3], size[1])):
+        lo, hi = lo * limit / 1000, hi * limit / 1000
+        pad = (hi - lo) * margin
+        lo, hi = lo - pad, hi + pad
+        grow = max(max(min_side, 28) - (hi - lo), 0) / 2
+        lo, hi = lo - grow, hi + grow
+        shift = max(-lo, 0) - max(hi - limit, 0)
+        out.append((max(math.floor(lo + shift), 0), min(math.ceil(hi + shift), limit)))
+    return [out[0][0], out[1][0], out[0][1], out[1][1]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running a model
+class PeakMemory:
+    """Peak memory since reset(): CUDA's allocator peak, or the RSS sampled every 5 ms (ru_maxrss is a
+    process-lifetime peak, useless to compare two modes run in one process)."""
+
+    def __init__(self, device):
+        self.cuda, self.peak, self.stopped = str(device).startswith("cuda"), 0, False
+        if not self.cuda and os.path.exists("/proc/self/statm"):
+            threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.stopped:
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.005)
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.peak = 0
+
+    def gb(self) -> float:
+        return (torch.cuda.max_memory_allocated() if self.cuda else self.peak) / 2 ** 30
+
+
+@dataclass
+class Run:
+    model: object
+    proc: object
+    mode: str = "plain"
+    batch_size: int = 8
+    max_new_tokens: int = 256
+    zoom: bool = False
+    rank: int = 0
+    world: int = 1
+    mem: PeakMemory | None = None
+
+
+def generate(run: Run, texts, images) -> tuple[list[str], list[int]]:
+    """Greedy outputs (decoded up to the first stop token) and their token counts, stop included."""
+    b = run.proc(text=texts, images=images, padding_side="left")
+    new = run.model.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"],
+                             max_new_tokens=run.max_new_tokens, temperature=0.0)
+    eos = set(run.model.default_eos())
+    outs, counts = [], []
+    for row in new.tolist():
+        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        outs.append(run.proc.decode(row[:n]))
+        counts.append(n)
+    return outs, counts
+
+
+def run_batch(run: Run, task_type: str, recs: list[Record]) -> list[dict]:
+    t0 = time.perf_counter()
+    images = [load_image(r.image) for r in recs]
+    sizes = [list(im.size) for im in images]
+    crops, firsts, first_tokens = [None] * len(recs), {}, [0] * len(recs)
+    if run.zoom:
+        big = [i for i, im in enumerate(images) if im.width * im.height > run.proc.image_processor.max_pixels]
+        if big:
+            texts = [build_prompt(run.proc, ZOOM_QUESTION.replace("{q}", recs[i].question), "bbox", run.mode)
+                     for i in big]
+            outs, counts = generate(run, texts, [images[i] for i in big])
+            side = int(math.sqrt(run.proc.image_processor.max_pixels))
+            for i, out, n in zip(big, outs, counts):
+                firsts[i], first_tokens[i] = out, n
+                boxes = parse_boxes(extract_answer(out))
+                if boxes:  # no box: pass 2 sees the whole (downscaled) image, as without --zoom
+                    crops[i] = zoom_crop(boxes[0], sizes[i], side)
+                    images[i] = images[i].crop(tuple(crops[i]))
+    outs, counts = generate(run, [build_prompt(run.proc, r.question, task_type, run.mode) for r in recs], images)
+    seconds = (time.perf_counter() - t0) / len(recs)  # batch time shared evenly: per-sample latency
+    mem = run.mem.gb() if run.mem else 0.0
+    lines = []
+    for i, r in enumerate(recs):
+        line = {"index": r.index, "id": os.path.basename(r.image), "question": r.question, "answer": r.answer,
+                "size": sizes[i], "pred": outs[i]}
+        if r.types:
+            line["type"] = r.types
+        if i in firsts:
+            line["zoom_pred"], line["crop"] = firsts[i], crops[i]
+        line.update(score_record(task_type, outs[i], r.answer, r.question, sizes[i], crops[i]))
+        line.update(seconds=seconds, new_tokens=counts[i] + first_tokens[i], peak_mem_gb=mem)
+        lines.append(line)
+    return lines
+
+
+def prompt_length(run: Run, rec: Record, task_type: str) -> int:
+    from PIL import Image
+    with Image.open(rec.image) as im:  # header only: the size, not the pixels
+        w, h = im.size
+    text = build_prompt(run.proc, rec.question, task_type, run.mode)
+    return len(run.proc.encode(text)) + run.proc.image_processor.num_image_tokens(h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output files: OUT/<task>.jsonl = header line {"meta": ...} + record lines, kept sorted by index
+def read_jsonl(path) -> tuple[dict | None, list[dict]]:
+    meta, lines = None, []
+    if Path(path).exists():
+        for raw in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError:  # a line cut short by an interruption: redone
+                continue
+            if isinstance(obj, dict) and "meta" in obj:
+                meta = meta or obj["meta"]
+            elif isinstance(obj, dict) and "index" in obj:
+                lines.append(obj)
+    return meta, lines
+
+
+def consolidate(path: Path, meta: dict) -> list[dict]:
+    """Rewrite OUT/<task>.jsonl with its own lines and those of rank part files, deduplicated and sorted."""
+    parts = sorted(path.parent.glob(f"{path.stem}.part*.jsonl"))
+    lines = {}
+    for p in [path] + parts:
+        for ln in read_jsonl(p)[1]:
+            lines.setdefault(ln["index"], ln)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"meta": meta}) + "\n")
+        for k in sorted(lines):
+            f.write(json.dumps(lines[k]) + "\n")
+    os.replace(tmp, path)  # atomic, so an interruption here loses nothing
+    for p in parts:
+        p.unlink()
+    return [lines[k] for k in sorted(lines)]
+
+
+def prepare_output(path: Path, meta: dict, overwrite: bool) -> str | None:
+    """Rank 0, before a task: refuse a file from another run (unless overwrite), fold in leftover parts."""
+    old, _ = read_jsonl(path)
+    if path.exists() and not overwrite and old != meta:
+        diff = [k for k in meta if (old or {}).get(k) != meta[k]] if old else ["no header line"]
+        return (f"{path} belongs to a different run ({', '.join(diff)} differ); pass --overwrite to redo it, "
+                f"or choose another --out")
+    if overwrite:
+        for p in [path, *path.parent.glob(f"{path.stem}.part*.jsonl")]:
+            p.unlink(missing_ok=True)
+    consolidate(path, meta)
+    return None
+
+
+def _sync(run: Run, obj=None):
+    """Barrier; returns rank 0's `obj` on every rank."""
+    if run.world == 1:
+        return obj
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate_task(run: Run, name: str, path: Path, task_type: str, out_dir: Path, meta: dict,
+                  limit: int | None = None, overwrite: bool = False) -> dict | None:
+    """Run (or resume) one task; rank 0 returns its metrics, other ranks None."""
+    records = load_records(path)[:limit]
+    out = out_dir / f"{name}.jsonl"
+    meta = dict(meta, task_file=str(Path(path).resolve()), task_type=task_type,
+                task_sha1=hashlib.sha1(Path(path).read_bytes()).hexdigest())  # an edited file is another run
+    err = _sync(run, prepare_output(out, meta, overwrite) if run.rank == 0 else None)
+    if err:
+        raise SystemExit(err)
+    done = {ln["index"] for ln in read_jsonl(out)[1]}
+    todo = [r for r in records if r.index not in done]
+    # Longest prompts first, so a batch pads little; batches dealt out whole, round robin, so every batch
+    # (and hence every output) is the same for any number of ranks, including more ranks than batches.
+    todo.sort(key=lambda r: -prompt_length(run, r, task_type))
+    batches = [todo[i:i + run.batch_size] for i in range(0, len(todo), run.batch_size)][run.rank::run.world]
+    sink = out if run.world == 1 else out_dir / f"{name}.part{run.rank}.jsonl"
+    if run.mem:
+        run.mem.reset()
+    bar = tqdm(total=sum(map(len, batches)), desc=name, disable=run.rank != 0, dynamic_ncols=True)
+    with open(sink, "a", encoding="utf-8") as f:
+        for batch in batches:
+            for line in run_batch(run, task_type, batch):
+                f.write(json.dumps(line) + "\n")
+            f.flush()  # written as it goes: an interrupted run resumes from here
+            bar.update(len(batch))
+    bar.close()
+    _sync(run)
+    if run.rank != 0:
+        return None
+    wanted = {r.index for r in records}
+    return summarize(task_type, [ln for ln in consolidate(out, meta) if ln["index"] in wanted])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reports
+def group_averages(tasks: dict) -> dict:
+    out = {}
+    for t in tasks.values():
+        out.setdefault(t["group"], []).append(t)
+    return {g: {"score": _mean(t["score"] for t in ts),
+                "score_lenient": _mean(t["score_lenient"] for t in ts) if all(
+                    t["score_lenient"] is not None for t in ts) else None, "n_tasks": len(ts)}
+            for g, ts in out.items()}
+
+
+def _cell(score, lenient) -> str:
+    if score is None:
+        return "-"
+    return f"{100 * score:.1f}" + (f" / {100 * lenient:.1f}" if lenient is not None else "")
+
+
+def table(runs: dict) -> str:
+    """Markdown table in Table I's layout, one column per run: {label: metrics.json content}."""
+    names = list(dict.fromkeys(n for m in runs.values() for n in m["tasks"]))
+    order = list(GROUPS)
+    groups = sorted({m["tasks"][n]["group"] for m in runs.values() for n in m["tasks"]}, key=order.index)
+    rows = ["| Capability | Benchmark | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for g in groups:
+        first = True
+        for n in [n for n in names if any(m["tasks"].get(n, {}).get("group") == g for m in runs.values())]:
+            cells = [_cell(m["tasks"][n]["score"], m["tasks"][n]["score_lenient"]) if n in m["tasks"] else "-"
+                     for m in runs.values()]
+            rows.append(f"| {GROUPS[g] if first else ''} | {n} | " + " | ".join(cells) + " |")
+            first = False
+        avgs = [group_averages(m["tasks"]).get(g) for m in runs.values()]
+        rows.append("| | Average | " + " | ".join(_cell(a["score"], a["score_lenient"]) if a else "-"
+                                                for a in avgs) + " |")
+    note = ("\nCells: accuracy % strict / lenient (the public `prediction in answer` rule, which counts empty "
+            "answers as correct); grounding: Pr@0.5 %.\n")
+    return "\n".join(rows) + "\n" + note
+
+
+def speed_table(runs: dict) -> str:
+    """Table-V-style: latency, throughput and peak memory per run (over all its samples), group scores."""
+    groups = [g for g in GROUPS if g != "custom"]
+    rows = ["| Run | sec/sample | new tokens/sample | tokens/s | peak mem GB | " + " | ".join(
+        GROUPS[g] for g in groups) + " |", "|---" * (5 + len(groups)) + "|"]
+    lat = []
+    for label, m in runs.items():
+        ts = [t for t in m["tasks"].values() if "sec_per_sample" in t]
+        n = sum(t["n"] for t in ts) or 1
+        secs, toks = (sum(t[k] * t["n"] for t in ts) / n for k in ("sec_per_sample", "new_tokens_mean"))
+        lat.append(secs)
+        avg = group_averages(m["tasks"])
+        rows.append(f"| {label} | {secs:.3f} | {toks:.1f} | {toks / secs if secs else 0:.1f} | "
+                    f"{max((t['peak_mem_gb'] for t in ts), default=0):.2f} | "
+                    + " | ".join(_cell(avg[g]["score"], None) if g in avg else "-" for g in groups) + " |")
+    if len(lat) == 2 and lat[0]:
+        rows.append(f"\nLatency {' / '.join(reversed(list(runs)))}: {lat[1] / lat[0]:.2f}x")
+    return "\n".join(rows) + "\n"
+
+
+def write_reports(out_dir: Path, meta: dict, tasks: dict) -> dict:
+    path = out_dir / "metrics.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    keep = old.get("tasks", {}) if old.get("meta") == meta else {}  # tasks of earlier calls, same run
+    m = {"meta": meta, "tasks": {**keep, **tasks}}
+    m["groups"] = group_averages(m["tasks"])
+    path.write_text(json.dumps(m, indent=2))
+    (out_dir / "results.md").write_text(table({f"{Path(meta['model']).name} ({meta['mode']})": m}))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+def cmd_score(argv) -> int:
+    ap = argparse.ArgumentParser(prog="evaluate.py score", description="Score predictions of any system: one "
+                                 'JSON per line {"pred", "answer", "size": [w, h] (bbox), "type": [...] (mcq)}.')
+    ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
+    ap.add_argument("file")
+    a = ap.parse_args(argv)
+    if not Path(a.file).is_file():
+        raise SystemExit(f"predictions file not found: {a.file}")
+    lines = []
+    for k, text in enumerate(Path(a.file).read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            obj = json.loads(text) if text.strip() else {"meta": None}
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{a.file}, line {k}: not JSON ({e})")
+        if "meta" in obj:  # blank lines and evaluate.py's header
+            continue
+        need = ("pred", "answer") + (("size",) if a.task_type == "bbox" else ())
+        if any(key not in obj for key in need):
+            raise SystemExit(f"{a.file}, line {k}: needs {', '.join(need)}")
+        lines.append(obj)
+    print(json.dumps(summarize(a.task_type, lines), indent=2))
+    return 0
+
+
+def cmd_compare(argv) -> int:
+    ap = argparse.ArgumentParser(prog="evaluate.py compare", description="Runs side by side, like Table I.")
+    ap.add_argument("outs", nargs="+", help="output folders of evaluate.py (each with metrics.json)")
+    runs = {}
+    for d in ap.parse_args(argv).outs:
+        p = Path(d) / "metrics.json"
+        if not p.is_file():
+            raise SystemExit(f"no metrics.json in {d}")
+        m = json.loads(p.read_text())
+        runs[f"{d} ({m['meta']['mode']})"] = m
+    print(table(runs))
+    return 0
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    ap.add_argument("--data-root", help="folder holding the benchmark JSON files and image folders")
+    ap.add_argument("--tasks", help=f"all, or comma-separated names among: {', '.join(TASKS)}")
+    ap.add_argument("--task-file", action="append", default=[],
+                    help="any other file in the RSRM layout, named by its stem (repeatable; needs --task-type)")
+    ap.add_argument("--task-type", action="append", default=[], choices=TASK_TYPES,
+                    help="the type of each --task-file, in order, or one for all")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mode", default="plain", choices=MODES)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--limit", type=int, default=None, help="first N records of each task")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64, or 1024 in think mode")
+    ap.add_argument("--min-pixels", type=int, default=None)
+    ap.add_argument("--max-pixels", type=int, default=None)
+    ap.add_argument("--zoom", action="store_true", help="Zoom-in Chain for images over the pixel budget")
+    ap.add_argument("--speed", action="store_true", help="run plain and think modes, print a Table-V comparison")
+    ap.add_argument("--overwrite", action="store_true", help="redo tasks whose output belongs to another run")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default=None)
+    a = ap.parse_args(argv)
+    if a.task_file and len(a.task_type) not in (1, len(a.task_file)):
+        ap.error("give one --task-type for all --task-file, or one per --task-file")
+    return a
+
+
+def task_list(a) -> list[tuple]:
+    names = [] if a.tasks is None and a.task_file else (list(TASKS) if (a.tasks or "all") == "all"
+                                                         else [n.strip() for n in a.tasks.split(",") if n.strip()])
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {unknown}; known: {', '.join(TASKS)} (or --task-file)")
+    if names and not a.data_root:
+        raise SystemExit("--data-root is needed for the named benchmarks")
+    jobs = [(n, Path(a.data_root) / f"{TASKS[n][0]}.json", TASKS[n][1], TASKS[n][2]) for n in names]
+    for i, f in enumerate(a.task_file):
+        jobs.append((Path(f).stem, Path(f), a.task_type[min(i, len(a.task_type) - 1)], "custom"))
+    if len({j[0] for j in jobs}) < len(jobs):
+        raise SystemExit(f"two tasks share a name (a file's stem): {[j[0] for j in jobs]}")
+    missing = [str(j[1]) for j in jobs if not j[1].is_file()]
+    if missing:
+        raise SystemExit("benchmark file(s) not found: " + ", ".join(missing))
+    return jobs
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["score"]:
+        return cmd_score(argv[1:])
+    if argv[:1] == ["compare"]:
+        return cmd_compare(argv[1:])
+    a = parse_args(argv)
+    jobs = task_list(a)
+    from PIL import Image
+    from model import Qwen2VL
+    Image.MAX_IMAGE_PIXELS = None  # benchmark files are trusted, and ultra-high-resolution scenes are the point
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = a.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    model = Qwen2VL.from_pretrained(a.model, dtype=dtype, device=device)
+    model_id = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
+    run = Run(model, proc, batch_size=a.batch_size, zoom=a.zoom, rank=rank, world=world, mem=PeakMemory(device))
+    b = proc(text=[build_prompt(proc, "warm-up", "vqa", "plain")], images=[Image.new("RGB", (56, 56))])
+    model.generate(**b, max_new_tokens=2)  # warm-up: one-time setup is not the first task's latency
+    results = {}
+    for mode in (("plain", "think") if a.speed else (a.mode,)):
+        out_dir = Path(a.out) / mode if a.speed else Path(a.out)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        _sync(run)
+        run.mode = mode
+        run.max_new_tokens = a.max_new_tokens or (1024 if mode == "think" else 64)
+        # Everything the outputs depend on; a file written under other settings is not resumed.
+        meta = {"model": model_id, "mode": mode, "max_new_tokens": run.max_new_tokens, "zoom": a.zoom,
+                "min_pixels": proc.image_processor.min_pixels, "max_pixels": proc.image_processor.max_pixels,
+                "dtype": str(dtype).removeprefix("torch."), "device": device.split(":")[0]}
+        tasks = {}
+        for name, path, task_type, group in jobs:
+            m = evaluate_task(run, name, path, task_type, out_dir, meta, a.limit, a.overwrite)
+            if rank == 0:
+                tasks[name] = {"group": group, "type": task_type, **m}
+        if rank == 0:
+            results[mode] = write_reports(out_dir, meta, tasks)
+            print(f"\n{mode} mode, {out_dir}:\n" + table({mode: results[mode]}))
+    if rank == 0 and a.speed:
+        text = f"{model_id} ({meta['dtype']}, {device}, batch {a.batch_size})\n\n" + speed_table(results)
+        (Path(a.out) / "speed.md").write_text(text)
+        print(text)
+    run.mem.stopped = True
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
