@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -355,12 +354,6 @@ def test_interrupted_run_resumes_and_foreign_files_are_refused(tiny_ckpt, bench,
     assert sum(calls) == 3 and _records(out, "LR-presence")[0]["meta"]["mode"] == "think"
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_even_with_fewer_records_than_ranks(tiny_ckpt, bench, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
@@ -370,8 +363,8 @@ def test_two_processes_match_one_even_with_fewer_records_than_ranks(tiny_ckpt, b
     one = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *common, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", str(ROOT / "evaluate.py"), *common,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "evaluate.py"), *common,
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
