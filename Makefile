@@ -18,8 +18,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) data.py tiny --out $(OUT)/tiny
-	$(PY) model.py --model $(OUT)/tiny --image $(OUT)/tiny/example.png --max-new-tokens 24 "How many ships are in this image?"
+	$(PY) demo.py --out $(OUT)
 
 test: setup
 	$(PY) -m pytest -q tests
