@@ -5,12 +5,13 @@
 Why a separate file: data.py, train_sft.py, train_grpo.py and evaluate.py are each one tool with its own
 flags; the recipe is the order they run in and the settings that make a tiny model learn on synthetic data
 in minutes. This is the one place that holds both: synth -> tiny model -> P (pre-training) -> S (SFT) ->
-C (CoT SFT) -> R (GRPO) -> evaluation of every stage -> OUT/results.md, OUT/results.json and PNG curves.
-It only calls the tools' command lines (each training stage through torchrun, so FSDP2 runs on 2 ranks), so
-what it proves about them holds for anyone who runs them by hand.
+C (CoT SFT) -> R (GRPO) -> evaluation of every stage -> OUT/results.md, OUT/results.json, OUT/loss.png and
+OUT/reward.png. It only calls the tools' command lines, training and evaluation under torchrun with --nproc
+ranks (FSDP2 needs one process per rank), so what it shows holds for anyone who runs them by hand.
 
-Resumable: a step whose output exists (OUT/<stage>/final, an evaluation's metrics.json) is skipped, and
-OUT/config.json refuses an OUT made with other settings. Each tool's output goes to OUT/logs/<step>.log.
+Resumable: a step whose output exists (OUT/<stage>/final, OUT/eval/<run>/metrics.json) is skipped unless a
+step before it ran again; OUT/config.json refuses an OUT made with other settings. Each tool's output goes to
+OUT/logs/<step>.log. Same seed, same settings: the same checkpoints, byte for byte, and the same table.
 """
 from __future__ import annotations
 
@@ -25,12 +26,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 EVAL_FILES = {"cls_synth": "cls", "vqa_synth": "vqa", "vg_synth": "bbox", "mcq_synth": "mcq"}
-PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}  # the synthetic images (168-224 px) are seen unresized
+# The synthetic images (168-224 px) seen unresized, as the tiny model's processor sees them in evaluation; the
+# training tools' defaults (the paper's 512..1280 * 28 * 28) would upscale them to ~8x the image tokens.
+PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
+# One micro-batch per rank and step; one loader worker per rank (2 ranks on 2 cores). No weight decay: a few
+# hundred steps from random weights have nothing to regularise.
 SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "workers": 1,
               "warmup_ratio": 0.05, "weight_decay": 0.0}
 
 # Flags of each tool, by step (snake_case -> --kebab-case; True -> a bare flag), tuned so that on 2 CPU cores
-# the whole demo takes about 15 minutes and every stage shows its effect (numbers in issue 6's note). The
+# the whole demo takes 10-16 minutes (by the load) and every stage shows its effect (numbers in issue 6's note). The
 # vision tower starts from random weights, so it trains at the LLM's lr (the paper's 2e-6 is for a trained one);
 # a tiny model wants a far higher lr than the paper's 1e-5 for P, S and C.
 FULL = {
@@ -40,12 +45,12 @@ FULL = {
     # No task balancing: balancing doubles grounding's share, and its ~20 digit tokens per answer then drown the
     # 1-token classification answers in the token-mean loss (classification stays near chance in this budget).
     "sft": {**SFT_COMMON, "max_steps": 120, "lr": 2e-3, "vision_lr": 2e-3, "warmup_ratio": 0.1, "no_balance": True},
-    # 100 steps leave the format half learned (answers cut after <answer>); 200 reach ~95% format.
+    # 100 steps leave the format unlearned (answers cut after <answer>); 200 reach 95-99% format.
     "cot": {**SFT_COMMON, "max_steps": 200, "lr": 2e-3, "vision_lr": 2e-3},
     # positional: a box far from the target still earns reward by its distance (IoU alone is 0 almost always
     # for a model this weak), so grounding rollouts differ within their group and GRPO has a signal.
     # 16 prompts a step (the paper's batch): with 8, the step-to-step task mix makes the reward too noisy to
-    # read a trend, and greedy answers of other tasks drift. lr 5e-4 collapses the policy in 10 steps.
+    # read a trend, and greedy answers of other tasks drift. lr 5e-4 collapsed the policy in 10 steps.
     "grpo": {**PIXELS, "max_steps": 30, "prompts_per_step": 16, "num_generations": 4, "micro_prompts": 4,
              "max_completion_len": 96, "lr": 1e-4, "beta": 0.001, "rewards": "format,accuracy,positional"},
     "eval": {"batch_size": 16, "plain_tokens": 64, "think_tokens": 128},  # think answers are <= 80 tokens
@@ -164,7 +169,10 @@ def evaluate_rows(out: Path, cfg: dict, nproc: int, times: dict, retrained: set)
             times[f"eval {row}"] = run(f"eval-{stage}-{mode}", [
                 "evaluate.py", "--model", out / stage / "final", *files, "--out", folder, "--mode", mode,
                 "--batch-size", cfg["eval"]["batch_size"], "--max-new-tokens", tokens, "--overwrite"], out, nproc)
-            log(f"eval {row}: done in {times[f'eval {row}']:.0f} s")
+            t = json.loads(metrics.read_text())["tasks"]
+            log(f"eval {row}: done in {times[f'eval {row}']:.0f} s (accuracy % " + ", ".join(
+                f"{name} {100 * t[name]['score']:.1f}" for name in EVAL_FILES if name != "vg_synth")
+                + f"; grounding mIoU % {100 * t['vg_synth']['mean_iou']:.1f})")
         results[row] = json.loads(metrics.read_text())
     return results
 
@@ -291,7 +299,8 @@ def main(argv=None) -> int:
     n_eval = {name: evals["P"]["tasks"][name]["n"] for name in EVAL_FILES}
     md = markdown(rows, trend, n_eval)
     pngs = draw_curves(out)
-    (out / "results.md").write_text("# TinyRS demo: every stage on the synthetic split\n\n" + md)
+    (out / "results.md").write_text(f"# TinyRS demo: every stage on the synthetic split (seed {a.seed}"
+                                    f"{', --quick' if a.quick else ''})\n\n" + md)
     (out / "results.json").write_text(json.dumps({
         "rows": rows, "grpo_reward": trend, "n_eval": n_eval, "seed": a.seed, "quick": a.quick,
         "eval_dirs": {r: f"eval/{s}-{m}" for r, s, m in ROWS}, "curves": pngs, "seconds": times}, indent=1))
