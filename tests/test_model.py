@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import conftest
@@ -122,7 +123,12 @@ def test_packed_rows_equal_separate_samples(pair):
     assert rel_err(lp[0, :len(a)], la[0]) < 1e-5 and rel_err(lp[0, len(a):], lb[0]) < 1e-5
 
 
-def test_greedy_generation_equals_transformers(pair):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_greedy_generation_equals_transformers(pair, onednn, monkeypatch):
+    # generate runs its CPU fp32 products on oneDNN (model.ONEDNN_CPU_LINEAR), plain forwards on F.linear
+    if onednn:
+        assert M.ONEDNN_CPU_LINEAR, "this torch build has no oneDNN linear: the fast CPU path is not tested"
+    monkeypatch.setattr(M, "ONEDNN_CPU_LINEAR", onednn)
     ours, hf = pair
     cfg = ours.config
     pv, thw = oracle_images([(84, 112), (56, 56)])
@@ -422,6 +428,17 @@ def test_command_line_answers_about_an_image(tiny_ckpt, tmp_path, capsys):
     assert printed == proc.decode(new[0]).strip() and len(new[0]) > 0
     with pytest.raises(FileNotFoundError, match="missing.png"):
         M.main(["--model", path, "--image", str(tmp_path / "missing.png"), "What?"])
+
+
+def test_onednn_linear_only_under_inference_mode():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in [(3, 5, 64), (96, 64), (96,)])
+    want = F.linear(x, w, b)
+    with torch.no_grad():
+        assert torch.equal(M.linear(x, w, b), want)  # a plain forward is bit-identical with and without grad
+    with torch.inference_mode():
+        got = M.linear(x.transpose(0, 1), w, b).transpose(0, 1)  # non-contiguous input
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_target_logprobs_equal_full_logits_and_their_gradients(pair):
