@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data import REASONING_SYSTEM_PROMPT, TASK_PROMPTS, Processor, load_image
-from rewards import _BRACKET_BOX, closed_match, extract_answer, iou, parse_boxes
+from rewards import closed_match, extract_answer, iou, parse_boxes
 
 TASKS = {  # name: (file stem under --data-root, task type, group), in Table I's order
     "AID": ("cls_AID", "cls", "classification"),
@@ -120,13 +120,13 @@ def load_records(path) -> list[Record]:
 # ---------------------------------------------------------------------------------------------------------
 # Scoring: one code path for the main command, `score` and the test's recomputation
 def pixel_boxes(answer) -> list[list[float]]:
-    """Ground-truth boxes in pixels: "[x1, y1, x2, y2]" in text, or a list (of lists) of numbers.
-    Not rewards.parse_boxes: that clamps to 0..1000, and pixel boxes of large images go past 1000."""
+    """Ground-truth boxes in pixels: "[x1, y1, x2, y2]" in text, or a list (of lists) of numbers; not clamped to
+    1000 as model outputs are (pixel boxes of large images go past it)."""
     if isinstance(answer, (list, tuple)):
         boxes = [answer] if answer and not isinstance(answer[0], (list, tuple)) else answer
         boxes = [[float(v) for v in b] for b in boxes if len(b) == 4]
     else:
-        boxes = [[float(g) for g in m.groups()] for m in _BRACKET_BOX.finditer(str(answer))]
+        return parse_boxes(str(answer), limit=None)
     return [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] for b in boxes]
 
 

@@ -66,15 +66,16 @@ def extract_answer(completion) -> str:
     return s.strip()
 
 
-def parse_boxes(text) -> list[list[float]]:
+def parse_boxes(text, limit=1000.0) -> list[list[float]]:
     """All boxes in `text`, in order of appearance: `[x1,y1,x2,y2]` (also inside `[[...]]`)
     and Qwen's `(x1,y1),(x2,y2)` (with or without <|box_start|>/<|box_end|>).
-    Corners are sorted and coordinates clamped to [0, 1000]."""
+    Corners are sorted and coordinates clamped to [0, limit] (limit None: not clamped, for pixel boxes)."""
     s = _text(text)
     found = []
+    hi = float("inf") if limit is None else limit
     for pattern in (_BRACKET_BOX, _PAIR_BOX):
         for m in pattern.finditer(s):
-            v = [min(max(float(g), 0.0), 1000.0) for g in m.groups()]  # 999...9 -> inf -> 1000
+            v = [min(max(float(g), 0.0), hi) for g in m.groups()]  # 999...9 -> inf -> limit
             found.append((m.start(), [min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]), max(v[1], v[3])]))
     return [box for _, box in sorted(found, key=lambda t: t[0])]
 
