@@ -636,8 +636,8 @@ def main(argv=None) -> int:
         print(text)
     run.mem.stopped = True
     if world > 1:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+        from train_sft import teardown_distributed
+        teardown_distributed()  # a barrier first: rank 0 may still be writing reports
     return 0
 
 
