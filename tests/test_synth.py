@@ -16,6 +16,7 @@ from PIL import Image
 import data
 import model as M
 import rewards
+import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = dict(n_pretrain=24, n_sft=40, questions_per_image=2, n_grpo=40, n_eval=24)
@@ -53,10 +54,10 @@ def world(tmp_path_factory):
 
 # -- determinism and splits -------------------------------------------------------------------------------------
 def test_same_seed_gives_identical_files_and_another_seed_other_files(world, tmp_path):
-    data.write_synth(str(tmp_path / "again"), SEED, **SIZES)  # in-process, against the CLI's run
+    synth.write_synth(str(tmp_path / "again"), SEED, **SIZES)  # in-process, against the CLI's run
     first = tree_hashes(world)
     assert len(first) > 100 and first == tree_hashes(tmp_path / "again")
-    data.write_synth(str(tmp_path / "other"), SEED + 1, **SIZES)
+    synth.write_synth(str(tmp_path / "other"), SEED + 1, **SIZES)
     other = tree_hashes(tmp_path / "other")
     assert first.keys() == other.keys()
     assert not {v for k, v in first.items() if k.endswith(".png")} & set(other.values())
@@ -67,10 +68,10 @@ def test_splits_share_no_image_and_no_seed(world):
     for rel, h in tree_hashes(world).items():
         if rel.endswith(".png"):
             by_split[rel.split(os.sep)[1]].add(h)  # images/<split>/..., eval/<file>/...
-    assert set(by_split) == {"pretrain", "sft", "grpo", *data.EVAL_TASKS}
+    assert set(by_split) == {"pretrain", "sft", "grpo", *synth.EVAL_TASKS}
     splits = list(by_split.values())
     assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
-    seeds = [s * 1000 + i for s in range(5) for i in data.SYNTH_SPLITS.values()]
+    seeds = [s * 1000 + i for s in range(5) for i in synth.SYNTH_SPLITS.values()]
     assert len(seeds) == len(set(seeds))
 
 
@@ -81,8 +82,8 @@ def pixels(path):
 
 def check_box_is_the_drawn_object(scene, obj):
     """Drawing the scene without `obj` changes exactly its box (plus the 3-px shadow of buildings and tanks)."""
-    without = data.SynthScene(**{**scene.__dict__, "objects": [o for o in scene.objects if o is not obj]})
-    diff = np.any(np.asarray(data.render_scene(scene)) != np.asarray(data.render_scene(without)), -1)
+    without = synth.SynthScene(**{**scene.__dict__, "objects": [o for o in scene.objects if o is not obj]})
+    diff = np.any(np.asarray(synth.render_scene(scene)) != np.asarray(synth.render_scene(without)), -1)
     ys, xs = np.nonzero(diff)
     x1, y1, x2, y2 = obj.box
     assert (xs.min(), ys.min()) == (x1, y1)
@@ -93,11 +94,11 @@ def check_box_is_the_drawn_object(scene, obj):
 def facts_answer(scene, task, question):
     """The answer computed from the scene facts alone, for the tasks whose answer is a plain fact."""
     counts = collections.Counter(o.kind for o in scene.objects)
-    kind = next((k for k in data.OBJECT_KINDS if re.search(rf"\b{k}s?\b", question)), None)
+    kind = next((k for k in synth.OBJECT_KINDS if re.search(rf"\b{k}s?\b", question)), None)
     if task == "cls":
         return scene.cls
     if task == "rural_urban":
-        return "urban" if scene.cls in data.URBAN else "rural"
+        return "urban" if scene.cls in synth.URBAN else "rural"
     if task == "count":
         return str(counts[kind])
     if task == "presence":
@@ -113,7 +114,7 @@ def check_task(scene, task, question, answer):
         assert answer == want, (task, question, answer, want)
     elif task == "vg":
         box = [int(v) for v in re.fullmatch(r"\[\[(\d+), (\d+), (\d+), (\d+)\]\]", answer).groups()]
-        obj = next(o for o in scene.objects if data.norm_box(scene, o.box) == box)
+        obj = next(o for o in scene.objects if synth.norm_box(scene, o.box) == box)
         assert re.search(rf"the ((\w+) )?{obj.kind} in", question)
         assert np.allclose(box, np.array(obj.box) * 1000 / [scene.w, scene.h, scene.w, scene.h], atol=0.5)
         check_box_is_the_drawn_object(scene, obj)
@@ -131,11 +132,11 @@ def test_training_records_match_the_drawn_scenes(world):
     for r in sft:
         sft_by_image[r["image"]].append(r)
     for split, n, k in (("pretrain", SIZES["n_pretrain"], 1), ("sft", SIZES["n_sft"], 2), ("grpo", SIZES["n_grpo"], 1)):
-        for i, (scene, tasks) in enumerate(data.split_items(SEED, split, n, k)):
+        for i, (scene, tasks) in enumerate(synth.split_items(SEED, split, n, k)):
             img = f"images/{split}/{i:05d}.png"
-            assert np.array_equal(pixels(os.path.join(world, img)), np.asarray(data.render_scene(scene)))
+            assert np.array_equal(pixels(os.path.join(world, img)), np.asarray(synth.render_scene(scene)))
             if split == "pretrain":
-                assert pre[i]["image"] == img and pre[i]["conversations"][1]["value"] == data.scene_caption(scene)
+                assert pre[i]["image"] == img and pre[i]["conversations"][1]["value"] == synth.scene_caption(scene)
                 assert f" {scene.cls} scene." in pre[i]["conversations"][1]["value"]
             elif split == "sft":
                 recs = sft_by_image[img]
@@ -151,12 +152,12 @@ def test_training_records_match_the_drawn_scenes(world):
 
 
 def test_vhm_tags_and_unbalanced_tasks():
-    counts = collections.Counter(t["task"] for _, ts in data.split_items(0, "sft", 500, 2) for t in ts)
-    assert set(counts) == set(data.SFT_TASKS)
+    counts = collections.Counter(t["task"] for _, ts in synth.split_items(0, "sft", 500, 2) for t in ts)
+    assert set(counts) == set(synth.SFT_TASKS)
     assert max(counts.values()) >= 3 * min(counts.values())  # so replicating rare tasks (--balance) matters
     tags = {"cls": "{CLS} ", "presence": "{VQA} ", "count": "{VQA} ", "comparison": "{VQA} ", "rural_urban": "{VQA} ",
             "vg": "{VG} "}
-    for _, ts in data.split_items(0, "sft", 100, 2):
+    for _, ts in synth.split_items(0, "sft", 100, 2):
         for t in ts:
             assert t["question"].startswith(tags.get(t["task"], "")) and ("{" in t["question"]) == (t["task"] != "mcq")
 
@@ -186,17 +187,17 @@ def test_grpo_answers_earn_full_accuracy_reward(world):
 
 
 def test_eval_files_follow_the_rsrm_layout_with_pixel_boxes(world):
-    for name in data.EVAL_TASKS:
+    for name in synth.EVAL_TASKS:
         recs = load(os.path.join(world, "eval", name + ".json"))
         assert len(recs) == SIZES["n_eval"]
-        for (scene, (t,)), r in zip(data.split_items(SEED, name, len(recs)), recs):
+        for (scene, (t,)), r in zip(synth.split_items(SEED, name, len(recs)), recs):
             path = os.path.join(world, "eval", name, r["image"])
             with Image.open(path) as im:
                 assert list(im.size) == r["size"] == [scene.w, scene.h]
             human, gpt = r["conversations"]
             assert human["from"] == "human" and gpt["from"] == "gpt" and human["value"] == "<image>\n" + t["q"]
             # bare as in the benchmarks; the evaluator's wrapping gives back the training prompt
-            assert data.TASK_PROMPTS[data.EVAL_TASKS[name][0]].replace("{q}", t["q"]) == t["question"]
+            assert data.TASK_PROMPTS[synth.EVAL_TASKS[name][0]].replace("{q}", t["q"]) == t["question"]
             assert r["type"] == [t.get("mcq_type", t["task"])]
             if name == "vg_synth":
                 (box,) = rewards.parse_boxes(gpt["value"])
@@ -216,12 +217,12 @@ def tiny(tmp_path_factory):
 
 
 def test_tiny_is_deterministic(tiny, tmp_path):
-    data.write_tiny(str(tmp_path / "again"), seed=0)
+    synth.write_tiny(str(tmp_path / "again"), seed=0)
     first = tree_hashes(tiny)
     assert set(first) >= {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                           "tokenizer_config.json", "preprocessor_config.json", "example.png"}
     assert first == tree_hashes(tmp_path / "again")
-    data.write_tiny(str(tmp_path / "other"), seed=1)
+    synth.write_tiny(str(tmp_path / "other"), seed=1)
     assert tree_hashes(tmp_path / "other")["model.safetensors"] != first["model.safetensors"]
 
 
@@ -243,7 +244,7 @@ def test_tiny_weights_config_and_tokenizer(tiny):
     assert cfg.vocab_size >= tok.get_vocab_size() and cfg.tie_word_embeddings
     assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.eos_token_id, cfg.pad_token_id) \
         == (proc.image_token_id, proc.vision_start_id, proc.vision_end_id, [proc.im_end_id], proc.pad_id)
-    texts = data.synth_texts(0)
+    texts = synth.synth_texts(0)
     assert all(proc.decode(tok.encode(t, add_special_tokens=False).ids, skip_special_tokens=False) == t for t in texts)
     # templated text compresses well: whole words, not bytes
     assert sum(len(tok.encode(t).ids) for t in texts) < 0.35 * sum(len(t) for t in texts)
