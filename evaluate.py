@@ -122,11 +122,10 @@ def load_records(path) -> list[Record]:
 def pixel_boxes(answer) -> list[list[float]]:
     """Ground-truth boxes in pixels: "[x1, y1, x2, y2]" in text, or a list (of lists) of numbers; not clamped to
     1000 as model outputs are (pixel boxes of large images go past it)."""
-    if isinstance(answer, (list, tuple)):
-        boxes = [answer] if answer and not isinstance(answer[0], (list, tuple)) else answer
-        boxes = [[float(v) for v in b] for b in boxes if len(b) == 4]
-    else:
+    if not isinstance(answer, (list, tuple)):
         return parse_boxes(str(answer), limit=None)
+    boxes = [answer] if answer and not isinstance(answer[0], (list, tuple)) else answer
+    boxes = [[float(v) for v in b] for b in boxes if len(b) == 4]
     return [[min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])] for b in boxes]
 
 
