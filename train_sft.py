@@ -426,8 +426,6 @@ def train(args, d: Dist):
     return final
 
 
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
