@@ -106,6 +106,19 @@ def load_image(path_or_pil):
         raise ValueError(f"cannot read image file {path}: {e}") from e
 
 
+def image_data_url(image, max_side: int = 768) -> str:
+    """A JPEG data URL of an image file or PIL image, its longest side at most `max_side`: how an image travels
+    to an OpenAI-compatible model (the reasoning-caption writer, the GRPO judge). Errors name the file."""
+    import base64
+    import io
+    img = load_image(image)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 @dataclass
 class ImageProcessor:
     """Qwen2-VL image preprocessing: dynamic resolution, CLIP normalisation, 2x2-merge-ordered flat patches."""
@@ -751,17 +764,6 @@ def think_pairs(record: dict, where: str) -> list[tuple[int, str, str]]:
     return pairs
 
 
-def _image_data_url(path, max_side: int) -> str:
-    import base64
-    import io
-    img = load_image(path)
-    if max(img.size) > max_side:
-        img.thumbnail((max_side, max_side))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _call_with_retries(client, request: dict, retries: int, backoff: float):
     """client.chat.completions.create, retried with exponential backoff (or the server's Retry-After) on 429,
     5xx, timeouts and dropped connections; other errors (400, 401, ...) are final at once."""
@@ -792,7 +794,7 @@ def think_one(client, record: dict, where: str, image_root: str, args) -> dict:
         pairs = think_pairs(record, where)
         images = record.get("image", record.get("images")) or []
         images = [images] if isinstance(images, str) else images
-        urls = [_image_data_url(os.path.join(image_root, p), args.image_max_side) for p in images]
+        urls = [image_data_url(os.path.join(image_root, p), args.image_max_side) for p in images]
     except (DataError, OSError, ValueError) as e:
         return {"status": "failed", "reason": str(e), "usage": usage}
     out = json.loads(json.dumps(record))
