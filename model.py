@@ -796,6 +796,23 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def read_safetensors_header(path):
+    """(tensor entries, byte offset of the tensor data) of a .safetensors file that the safetensors library has
+    validated first: the header parses, each tensor's byte range fits its shape and dtype, and the ranges cover
+    the data exactly. A damaged file (a download cut short, say) raises ValueError naming the file and, where
+    the header still reads, the first tensor it loses: it never loads as zeros or garbage."""
+    from safetensors import safe_open
+    try:
+        with safe_open(os.fspath(path), framework="pt"):
+            pass  # maps the file and checks the header against its size; touches no tensor data
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error type; its message says what is inconsistent
+        raise ValueError(f"{path}: damaged safetensors file ({e}){_first_bad_tensor(path)}; download or save it "
+                         f"again") from None
+    return _raw_header(path)
+
+
+def _raw_header(path):
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
@@ -803,12 +820,32 @@ def read_safetensors_header(path):
     return header, 8 + n
 
 
-def iter_safetensors(path, wanted=None):
-    """(name, tensor) for each tensor of a .safetensors file, read with plain reads.
+def _first_bad_tensor(path) -> str:
+    """Where a file that safetensors refused goes wrong, told by tensor, for the error message."""
+    try:
+        header, base = _raw_header(path)
+        data = os.path.getsize(path) - base
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    except Exception:  # noqa: BLE001 - any failure here means the header itself is unreadable
+        return ": its header is cut short or unreadable"
+    for name, meta in entries:
+        start, end = meta["data_offsets"]
+        if end > data:
+            return (f": tensor {name} needs data bytes {start}..{end} but the file holds {data} "
+                    f"({sum(m['data_offsets'][1] > data for _, m in entries)} tensors cut off)")
+        dtype = _ST_DTYPES.get(meta["dtype"])
+        if dtype is not None and math.prod(meta["shape"]) * dtype.itemsize != end - start:
+            return f": tensor {name} has {end - start} bytes, not what shape {meta['shape']} of {meta['dtype']} needs"
+    return ""
+
+
+def iter_safetensors(path, wanted=None, header=None):
+    """(name, tensor) for each tensor of a .safetensors file, read with plain reads; `header`: what
+    read_safetensors_header(path) returned, if the caller has it already.
 
     Reading instead of mapping the file keeps the loader's peak memory at the model plus one tensor; when the
-    tensor is consumed before the next is read, nothing accumulates."""
-    header, base = read_safetensors_header(path)
+    tensor is consumed before the next is read, nothing accumulates (a mapped file's pages would count too)."""
+    header, base = header or read_safetensors_header(path)
     with open(path, "rb") as f:
         for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if wanted is not None and name not in wanted:
@@ -819,7 +856,8 @@ def iter_safetensors(path, wanted=None):
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
             buf = bytearray(end - start)
             f.seek(base + start)
-            f.readinto(buf)
+            if f.readinto(buf) != len(buf):  # validated above: only a file changed while loading gets here
+                raise ValueError(f"{path}: tensor {name}: the file ended early; was it rewritten while loading?")
             t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             yield name, t.view(meta["shape"])
 
@@ -846,8 +884,8 @@ def load_weights(model: Qwen2VL, folder):
     tied = model.config.tie_word_embeddings
     need = set(params) - ({"lm_head.weight"} if tied else set())
     seen, unexpected, bad_shape = set(), [], []
-    for path in checkpoint_files(folder):
-        header, _ = read_safetensors_header(path)
+    files = [(path, read_safetensors_header(path)) for path in checkpoint_files(folder)]  # every file checked first
+    for path, (header, base) in files:
         wanted = set()
         for raw, meta in header.items():
             k = canonical_key(raw)
@@ -860,7 +898,7 @@ def load_weights(model: Qwen2VL, folder):
             else:
                 wanted.add(raw)
         with torch.no_grad():
-            for raw, t in iter_safetensors(path, wanted):
+            for raw, t in iter_safetensors(path, wanted, (header, base)):
                 k = canonical_key(raw)
                 params[k].copy_(t)
                 seen.add(k)

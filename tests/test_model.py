@@ -363,6 +363,42 @@ def test_missing_and_misshaped_tensors_are_listed_in_one_error(tiny_ckpt, tmp_pa
         assert name in msg
 
 
+@pytest.mark.parametrize("damage", ["cut_in_half", "cut_in_header", "shard_cut_by_one_byte", "bytes_appended",
+                                    "shape_does_not_fit_bytes"])
+def test_damaged_safetensors_are_refused_naming_file_and_tensor(tiny_ckpt, tmp_path, damage):
+    """An interrupted download must not load as zeros or garbage: safetensors' own validation runs first."""
+    path, _ = tiny_ckpt
+    dst = rewrite_checkpoint(path, str(tmp_path / damage), shard_bytes=50_000 if damage.startswith("shard") else None)
+    files = sorted(f for f in os.listdir(dst) if f.endswith(".safetensors"))
+    victim = os.path.join(dst, files[len(files) // 2])
+    raw = open(victim, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    first = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    if damage == "cut_in_half":
+        raw = raw[:len(raw) // 2]
+    elif damage == "cut_in_header":
+        raw = raw[:8 + n // 2]
+    elif damage == "shard_cut_by_one_byte":
+        raw = raw[:-1]
+    elif damage == "bytes_appended":
+        raw = raw + b"\0" * 64
+    else:  # the header claims a smaller first tensor than its byte range holds
+        header[first]["shape"] = [1] * len(header[first]["shape"])
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        raw = len(text).to_bytes(8, "little") + text + raw[8 + n:]
+    open(victim, "wb").write(raw)
+    with pytest.raises(ValueError) as e:
+        M.Qwen2VL.from_pretrained(dst)
+    msg = str(e.value)
+    assert victim in msg and "damaged safetensors file" in msg
+    named = {"cut_in_half": "tensor ", "cut_in_header": "header is cut short", "shard_cut_by_one_byte": last,
+             "bytes_appended": "", "shape_does_not_fit_bytes": first}[damage]
+    assert named in msg, msg
+
+
 def test_config_that_is_not_qwen2_vl_is_refused(tiny_ckpt, tmp_path):
     path, _ = tiny_ckpt
     dst = rewrite_checkpoint(path, str(tmp_path / "other"))
