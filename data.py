@@ -54,6 +54,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IMAGE_TOKEN = "<|image_pad|>"
+ASSISTANT_HEADER = "<|im_start|>assistant\n"  # what a generation prompt ends with
 # Files that make up a processor; copied verbatim on save so a round trip changes nothing.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
                    "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -155,6 +156,11 @@ class ImageProcessor:
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch: channels x frames x patch x patch."""
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
 
@@ -178,7 +184,7 @@ class ImageProcessor:
         x = x.reshape(3, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
         # A still image is its own second frame: repeat along a temporal axis placed right after C.
         x = x.unsqueeze(5).expand(gh // m, gw // m, m, m, 3, t, p, p)
-        return x.reshape(gh * gw, 3 * t * p * p), (1, gh, gw)
+        return x.reshape(gh * gw, self.patch_dim), (1, gh, gw)
 
     def __call__(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(pixel_values [sum of patches, 3*t*p*p] float32, image_grid_thw [n, 3] int64) for a list of images."""
@@ -284,9 +290,24 @@ class Processor:
             parts.append("<|im_start|>assistant\n")
         return "".join(parts)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens such as <|im_start|> recognised as single ids."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, offsets: bool = False):
+        """Token ids of `text`, special tokens such as <|im_start|> recognised as single ids; with offsets, also
+        each token's first character in `text`.
+
+        The text is cut after every assistant header and the pieces encoded apart. Qwen2's tokenizer merges a
+        line break that opens an answer with the header's own "\n" into one "\n\n" token; a generation prompt
+        ends with the header, so the model never sees that token at inference and must not learn it in training.
+        Cut this way, training ids and generation prompts agree token for token."""
+        ids, starts, at = [], [], 0
+        pieces = text.split(ASSISTANT_HEADER)
+        for i, piece in enumerate(pieces):
+            piece += ASSISTANT_HEADER if i < len(pieces) - 1 else ""
+            enc = self.tokenizer.encode(piece, add_special_tokens=False)
+            ids += enc.ids
+            if offsets:
+                starts += [at + o[0] for o in enc.offsets]
+            at += len(piece)
+        return (ids, starts) if offsets else ids
 
     def __call__(self, text, images=None, padding_side: str = "left", return_tensors: str | None = "pt") -> dict:
         """Batch inputs: each <|image_pad|> grows to the image's token count; sequences padded to one length."""
@@ -419,12 +440,37 @@ def read_records(path, skip_bad: bool = False, bad: list | None = None) -> list[
     return items
 
 
+def record_turns(record: dict):
+    """A record's turns: `conversations` (LLaVA, VHM, TinyRS), `conversation` (some RSRM/ScoreRS files) or
+    `messages`."""
+    for key in ("conversations", "conversation", "messages"):
+        if key in record:
+            return record[key]
+    return None
+
+
+def image_path(name: str, root: str, source_dataset: str | None = None) -> str:
+    """Where a record's image file is. VHM's own JSON files keep each image in a folder named after its source
+    dataset (`source_dataset`: ROOT/source_dataset/name); TinyRS's repackaged files give the path relative to
+    ROOT, sub-folder included, and may keep the field. The first candidate that exists wins; none: an error
+    listing where it looked."""
+    if os.path.isabs(name):
+        candidates = [name]
+    else:
+        candidates = ([os.path.join(root, str(source_dataset), name)] if source_dataset else []) + \
+            [os.path.join(root, name)]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    raise FileNotFoundError("image file not found: " + " (nor ".join(candidates) + ")" * (len(candidates) - 1))
+
+
 def conversation_messages(record: dict, where: str = "record") -> tuple[list[dict], list[str]]:
     """(messages in Processor.apply_chat_template's form, image paths as written) of one record.
 
     User/system turns become content lists of {"type": "image"} and {"type": "text"} parts, an image where its
     `<image>` placeholder stands, or all images at the start of the first user turn when there is none."""
-    convs = record.get("conversations", record.get("messages"))
+    convs = record_turns(record)
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: no 'conversations' list")
     images = record.get("image", record.get("images"))
@@ -485,14 +531,15 @@ def render_conversation(proc: "Processor", messages, system_prompt: str | None =
 
 def tokenize_conversation(proc: "Processor", messages, system_prompt: str | None = None):
     """(ids, learn): int32 token ids of the chat with one <|image_pad|> per image, and a bool mask of the
-    tokens that are learned. The whole text is tokenised at once, so ids are what inference sees."""
+    tokens that are learned. Tokenised by Processor.encode, so the ids before each answer are exactly that
+    turn's generation prompt, and each answer is learned as written, from its first character."""
     text, spans = render_conversation(proc, messages, system_prompt)
-    enc = proc.tokenizer.encode(text, add_special_tokens=False)
-    starts = np.array([o[0] for o in enc.offsets], dtype=np.int64)
+    ids, starts = proc.encode(text, offsets=True)  # each learned span starts where a piece starts
+    starts = np.asarray(starts, dtype=np.int64)
     learn = np.zeros(len(starts), dtype=bool)
     for a, b in spans:
         learn |= (starts >= a) & (starts < b)
-    return np.asarray(enc.ids, dtype=np.int32), learn
+    return np.asarray(ids, dtype=np.int32), learn
 
 
 def task_of(record: dict, messages) -> str:
@@ -513,7 +560,7 @@ class SampleInfo:
     ids: np.ndarray  # int32, one <|image_pad|> per image
     learn: np.ndarray  # bool, per id
     images: list  # resolved paths
-    image_tokens: list  # merged tokens per image
+    grids: list  # (1, h/14, w/14) patch grid per image, from its header
     task: str
     length: int  # tokens after image expansion and truncation
     n_labels: int
@@ -532,26 +579,34 @@ class ConversationDataset(torch.utils.data.Dataset):
     The scan drops what cannot be trained on and counts it in `stats`: records that fail (missing or unreadable
     image, bad conversation; an error naming file and record unless skip_bad), and samples longer than max_len
     whose cut would fall in or before an image (an image is never cut), or that keep no label after the cut.
-    Items are dicts of input_ids, labels (IGNORE_INDEX where not learned), pixel_values, image_grid_thw."""
+    `stats["repeated"]` counts records that repeat an earlier one: a file that is already oversampled.
+    Items are dicts of input_ids, labels (IGNORE_INDEX where not learned), pixel_values, image_grid_thw; with
+    skip_bad, an image that fails to decode when its sample is used (its header read fine in the scan) gives
+    the sample with blank pixels and no label, and the reason under "skipped": every rank still runs the same
+    forward passes, and the sample adds nothing to the loss."""
 
     def __init__(self, files, proc: "Processor", image_root=None, max_len: int = 4096,
                  system_prompt: str | None = None, skip_bad: bool = False):
         from concurrent.futures import ThreadPoolExecutor
-        self.proc, self.max_len = proc, max_len
-        self.stats = {"records": 0, "bad": 0, "too_long_image": 0, "too_long_no_labels": 0, "truncated": 0}
+        self.proc, self.max_len, self.skip_bad = proc, max_len, skip_bad
+        self.stats = {"records": 0, "bad": 0, "too_long_image": 0, "too_long_no_labels": 0, "truncated": 0,
+                      "repeated": 0}
         self.bad_examples = []
         files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-        pending = []  # (ids, learn, paths, task, where)
+        pending, seen = [], set()  # pending: (ids, learn, paths, task, where)
         for path in files:
             root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
             for rec, where in read_records(path, skip_bad, self.bad_examples):
                 self.stats["records"] += 1
+                key = hash(json.dumps({k: v for k, v in rec.items() if k != "id"}, sort_keys=True))
+                self.stats["repeated"] += key in seen
+                seen.add(key)
                 try:
                     messages, images = conversation_messages(rec, where)
-                    paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
-                    for p in paths:
-                        if not os.path.isfile(p):
-                            raise DataError(f"{where}{_rec_id(rec)}: image file not found: {p}")
+                    try:
+                        paths = [image_path(p, root, rec.get("source_dataset")) for p in images]
+                    except FileNotFoundError as e:
+                        raise DataError(f"{where}{_rec_id(rec)}: {e}") from None
                     ids, learn = tokenize_conversation(proc, messages, system_prompt)
                 except DataError as e:
                     self._bad(e, skip_bad)
@@ -567,11 +622,13 @@ class ConversationDataset(torch.utils.data.Dataset):
                 for p in paths:
                     if isinstance(sizes[p], Exception):
                         raise DataError(f"{where}: cannot read image file {p}: {sizes[p]}")
-                counts = [proc.image_processor.num_image_tokens(h, w) for w, h in (sizes[p] for p in paths)]
+                ip = proc.image_processor
+                grids = [(1, h // ip.patch_size, w // ip.patch_size) for h, w in
+                         (ip.target_size(h, w) for w, h in (sizes[p] for p in paths))]
             except (DataError, ValueError) as e:
                 self._bad(e, skip_bad)
                 continue
-            info = self._fit(ids, learn, paths, counts, task, where)
+            info = self._fit(ids, learn, paths, grids, task, where)
             if info is not None:
                 self.samples.append(info)
         self.stats["bad"] = len(self.bad_examples)  # malformed JSONL lines and refused records
@@ -585,8 +642,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise DataError(f"{err} (--skip-bad skips and counts such records)") from None
         self.bad_examples.append(str(err))
 
-    def _fit(self, ids, learn, paths, counts, task, where):
+    def _fit(self, ids, learn, paths, grids, task, where):
         """SampleInfo after the max_len rule, or None (counted) when the sample cannot be kept."""
+        counts = self._tokens(grids)
         img_pos = np.flatnonzero(ids == self.proc.image_token_id)
         full = len(ids) + sum(counts) - len(counts)
         length = full
@@ -601,7 +659,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             self.stats["too_long_no_labels"] += 1
             return None
         self.stats["truncated"] += length < full
-        return SampleInfo(ids, learn, paths, counts, task, length, n_labels, where)
+        return SampleInfo(ids, learn, paths, grids, task, length, n_labels, where)
+
+    def _tokens(self, grids) -> list[int]:
+        return [t * h * w // self.proc.image_processor.merge_size ** 2 for t, h, w in grids]
 
     def __len__(self):
         return len(self.samples)
@@ -609,21 +670,29 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.samples[i]
         pixel_values = grid = None
+        skipped = None
         reps = np.ones(len(s.ids), dtype=np.int64)
         if s.images:
             try:
                 pixel_values, grid = self.proc.image_processor(s.images)
             except (OSError, ValueError) as e:
-                raise DataError(f"{s.where}: {e}") from e
-            counts = (grid.prod(-1) // self.proc.image_processor.merge_size ** 2).tolist()
-            if counts != s.image_tokens:
-                raise DataError(f"{s.where}: images changed since the scan ({counts} tokens, was {s.image_tokens})")
-            reps[s.ids == self.proc.image_token_id] = counts
+                if not self.skip_bad:
+                    raise DataError(f"{s.where}: {e} (--skip-bad skips and counts such samples)") from e
+                skipped = f"{s.where}: {e}"
+                grid = torch.tensor(s.grids, dtype=torch.long)
+                pixel_values = torch.zeros(int(grid.prod(-1).sum()), self.proc.image_processor.patch_dim)
+            if grid.tolist() != [list(g) for g in s.grids]:
+                raise DataError(f"{s.where}: images changed since the scan (patch grids {grid.tolist()}, were "
+                                f"{[list(g) for g in s.grids]})")
+            reps[s.ids == self.proc.image_token_id] = self._tokens(s.grids)
         ids = np.repeat(s.ids, reps)[:s.length].astype(np.int64)
-        learn = np.repeat(s.learn, reps)[:s.length]
+        learn = np.repeat(s.learn, reps)[:s.length] & (skipped is None)
         labels = np.where(learn, ids, IGNORE_INDEX)
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+        item = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "pixel_values": pixel_values, "image_grid_thw": grid}
+        if skipped:
+            item["skipped"] = skipped
+        return item
 
 
 def _rec_id(rec):
@@ -711,7 +780,8 @@ def collate(samples, pad_id: int, pack_len: int | None = None) -> dict:
     """One micro-batch of dataset items as right-padded rows, attention_mask 1 on tokens and 0 on padding; or,
     with pack_len, samples packed into rows of at most pack_len tokens, attention_mask numbering the samples of
     a row 1, 2, ... (the model keeps attention and M-RoPE positions inside each). Images follow the row-major
-    order of their tokens; each sample's first label is dropped, as nothing before it in its row predicts it."""
+    order of their tokens; each sample's first label is dropped, as nothing before it in its row predicts it.
+    "skipped": why samples of the batch were blanked (see ConversationDataset), for the log."""
     rows = pack_rows([len(s["input_ids"]) for s in samples], pack_len) if pack_len else [[i] for i in
                                                                                           range(len(samples))]
     width = max(sum(len(samples[i]["input_ids"]) for i in row) for row in rows)
@@ -734,7 +804,8 @@ def collate(samples, pad_id: int, pack_len: int | None = None) -> dict:
                 grids.append(s["image_grid_thw"])
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "pixel_values": torch.cat(pixels) if pixels else None,
-            "image_grid_thw": torch.cat(grids) if grids else None}
+            "image_grid_thw": torch.cat(grids) if grids else None,
+            "skipped": [s["skipped"] for s in samples if "skipped" in s]}
 
 
 # --- `python data.py think`: VHM-Instruct-Think from conversations, through any OpenAI-compatible endpoint ---
@@ -751,7 +822,7 @@ _THINK_RE = re.compile(r"\s*<reasoning>(.*?)</reasoning>\s*<answer>(.*?)</answer
 
 def think_pairs(record: dict, where: str) -> list[tuple[int, str, str]]:
     """(turn index, question text, original answer) for each assistant turn of a record."""
-    convs = record.get("conversations")
+    convs = record_turns(record)
     conversation_messages(record, where)  # the same checks as training: roles, placeholders, an assistant turn
     pairs, question = [], ""
     for j, t in enumerate(convs):
@@ -794,7 +865,8 @@ def think_one(client, record: dict, where: str, image_root: str, args) -> dict:
         pairs = think_pairs(record, where)
         images = record.get("image", record.get("images")) or []
         images = [images] if isinstance(images, str) else images
-        urls = [image_data_url(os.path.join(image_root, p), args.image_max_side) for p in images]
+        urls = [image_data_url(image_path(p, image_root, record.get("source_dataset")), args.image_max_side)
+                for p in images]
     except (DataError, OSError, ValueError) as e:
         return {"status": "failed", "reason": str(e), "usage": usage}
     out = json.loads(json.dumps(record))

@@ -300,6 +300,7 @@ def accumulate_gradients(model, micro, d: Dist, chunk: int) -> tuple[float, floa
     targets = [F.pad(b["labels"][:, 1:], (0, 1), value=D.IGNORE_INDEX).to(d.device) for b in micro]
     n = torch.tensor(float(sum(int((t != D.IGNORE_INDEX).sum()) for t in targets)), device=d.device)
     dist.all_reduce(n)
+    n = n.clamp(min=1.0)  # a batch of blanked samples only (--skip-bad) has no label: its gradient is zero
     loss_sum = torch.zeros((), device=d.device)
     for b, tgt in zip(micro, targets):
         logp = forward_logprobs(model, b, tgt, chunk)
@@ -314,6 +315,9 @@ def train(args, d: Dist):
     proc = D.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     ds = D.ConversationDataset(args.data, proc, args.image_root, args.max_len, args.system_prompt, args.skip_bad)
     log(f"data: {len(ds)} samples; {ds.stats}" + (f"; first skipped: {ds.bad_examples[0]}" if ds.bad_examples else ""))
+    if ds.stats["repeated"] and args.balance:
+        log(f"warning: {ds.stats['repeated']} records repeat an earlier one (an oversampled file, such as TinyRS's "
+            f"*_oversampled.json?); balancing replicates them again: pass --no-balance")
     factors = D.balance_factors(ds.tasks, args.balance_max) if args.balance else None
     before = {t: ds.tasks.count(t) for t in sorted(set(ds.tasks))}
     after = D.balanced_counts(ds.tasks, factors) if factors else before
@@ -378,13 +382,16 @@ def train(args, d: Dist):
             if d.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(d.device)
             micro = [next(batches) for _ in range(len(plan[0]))]
+            skipped = [why for b in micro for why in b["skipped"]]
+            for why in skipped:  # printed by the rank that met it
+                print(f"skipped (--skip-bad), image unreadable: {why}", flush=True)
             loss_sum, n_labels = accumulate_gradients(model, micro, d, args.ce_chunk)
             grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
             tokens = sum(int((b["attention_mask"] > 0).sum()) for b in micro)
             slots = sum(b["input_ids"].numel() for b in micro)
             flops = sum(step_flops(b, n_llm, n_vision, model.config) for b in micro) if peak else 0.0
-            totals = torch.tensor([float(loss_sum), float(tokens), flops, float(slots)], device=d.device,
-                                  dtype=torch.float64)
+            totals = torch.tensor([float(loss_sum), float(tokens), flops, float(slots), float(len(skipped))],
+                                  device=d.device, dtype=torch.float64)
             dist.all_reduce(totals)
             loss = float(totals[0]) / n_labels
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -400,7 +407,7 @@ def train(args, d: Dist):
             rec = {"step": step, "epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                    "grad_norm": grad_norm, "label_tokens": int(n_labels), "tokens": int(totals[1]),
                    "tokens_per_s": float(totals[1]) / dt, "pad_frac": 1 - float(totals[1] / totals[3]), "step_s": dt,
-                   "peak_mem_gb": peak_memory_gb(d.device)}
+                   "peak_mem_gb": peak_memory_gb(d.device), "skipped": int(totals[4])}
             if peak:
                 rec["mfu"] = float(totals[2]) / dt / (peak * 1e12 * d.world)
             metrics.log(rec)
@@ -459,7 +466,9 @@ def parse_args(argv=None):
     a("--balance", action=argparse.BooleanOptionalAction, default=None, help="default: on for sft and cot")
     a("--balance-max", type=float, default=5.0, help="most times a task is replicated per epoch")
     a("--system-prompt", default=None, help="default: the checkpoint's; cot: the reasoning prompt")
-    a("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    a("--skip-bad", action="store_true", help="skip and count bad records (at the scan) and images that fail to "
+                                               "decode during training (logged, 'skipped' in metrics) instead of "
+                                               "stopping")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only OUT/final)")
     a("--keep", type=int, default=None, help="keep only the newest K checkpoints")
     a("--resume", nargs="?", const="latest", default=None, help="continue from the newest checkpoint in OUT "

@@ -146,7 +146,8 @@ def test_truncation_never_cuts_an_image(proc, images, tmp_path):
             conv(("h", "<image>" + " word" * 60), ("g", "ok"), image="0.png"),  # cut before any label
             conv(("h", "<image>\nShort."), ("g", "fine"), image="0.png")]
     ds = D.ConversationDataset(write(tmp_path / "t.jsonl", recs), proc, images, max_len=48)
-    assert ds.stats == {"records": 4, "bad": 0, "too_long_image": 1, "too_long_no_labels": 1, "truncated": 1}
+    assert ds.stats == {"records": 4, "bad": 0, "too_long_image": 1, "too_long_no_labels": 1, "truncated": 1,
+                        "repeated": 0}
     assert len(ds) == 2
     cut = ds[0]
     assert len(cut["input_ids"]) == 48 and (cut["input_ids"] == proc.image_token_id).sum() == 12
@@ -258,6 +259,113 @@ def test_bad_data_errors_name_file_record_and_line(proc, images, tmp_path):
         D.ConversationDataset(no_answer, proc, images)
     with pytest.raises(D.DataError, match="turn 0 needs 'from'"):
         D.conversation_messages({"conversations": [{"from": "robot", "value": "x"}]})
+
+
+def test_answer_opening_with_a_line_break_is_learned_whole_and_prompts_match_generation():
+    """Qwen2's tokenizer merges "\\n\\n" into one token; an answer that opens with a line break must not fuse
+    with the header's "\\n", or training learns a token that generation (prompt ends "assistant\\n") never sees."""
+    corpus = ["Line one.\n\nLine two.\n\n\nThe answer is 3.\n\nDone.", "assistant\n\nThe ships\n\nare moored."] * 8
+    proc = D.Processor(D.train_tokenizer(corpus, vocab_size=400))
+    merged = proc.tokenizer.encode("assistant\n\nThe", add_special_tokens=False).tokens
+    assert "ĊĊ" in merged  # the premise: this tokenizer fuses the two line breaks, as Qwen2's does
+    msgs = [{"role": "user", "content": "How many ships?"}, {"role": "assistant", "content": "\nThe answer is 3."},
+            {"role": "user", "content": "And planes?"}, {"role": "assistant", "content": "\n\nNone."}]
+    ids, learn = D.tokenize_conversation(proc, msgs)
+    runs, cur = [], []
+    for i, on in zip(ids.tolist() + [None], learn.tolist() + [False]):
+        if on:
+            cur.append(i)
+        elif cur:
+            runs.append(proc.decode(cur, skip_special_tokens=False))
+            cur = []
+    assert runs == ["\nThe answer is 3.<|im_end|>", "\n\nNone.<|im_end|>"]
+    for turn in (1, 3):  # the ids before each answer are that turn's generation prompt, token for token
+        prompt = proc(proc.apply_chat_template(msgs[:turn], add_generation_prompt=True))["input_ids"][0].tolist()
+        assert ids[:len(prompt)].tolist() == prompt and learn[len(prompt)] and not learn[len(prompt) - 1]
+
+
+def one_step_args(ckpt, data_path, images, out, *extra):
+    return ["--model", ckpt, "--data", data_path, "--image-root", images, "--out", str(out), "--max-steps", "1",
+            "--global-batch", "2", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0", "--max-len", "128",
+            *PIXELS, *extra]
+
+
+def vhm_tree(root, images):
+    """VHM's own layout: DATA_PATH/<source_dataset>/<image>, the JSON naming the sub-folder per record."""
+    for sub, i in (("UCM", 0), ("RSVQA_LR", 1), ("DOTA-train", 2)):
+        os.makedirs(root / sub, exist_ok=True)
+        Image.open(os.path.join(images, f"{i}.png")).save(root / sub / f"img{i}.png")
+    return str(root)
+
+
+def test_vhm_source_dataset_layout_and_tinyrs_relative_paths(proc, images, tmp_path):
+    root = vhm_tree(tmp_path / "vhm", images)
+    vhm = conv(("h", "<image>\n{CLS} Classify."), ("g", "forest"), image="img0.png", source_dataset="UCM")
+    tinyrs = conv(("h", "<image>\n{VQA} Any?"), ("g", "no"), image="RSVQA_LR/img1.png", source_dataset="RSVQA_LR")
+    plain = conv(("h", "<image>\n{VQA} Any?"), ("g", "yes"), image="DOTA-train/img2.png")
+    ds = D.ConversationDataset(write(tmp_path / "mix.json", [vhm, tinyrs, plain], jsonl=False), proc, root)
+    assert [s.images for s in ds.samples] == [[os.path.join(root, "UCM", "img0.png")],
+                                              [os.path.join(root, "RSVQA_LR", "img1.png")],
+                                              [os.path.join(root, "DOTA-train", "img2.png")]]
+    lost = conv(("h", "<image>\nQ?"), ("g", "A"), image="gone.png", source_dataset="UCM")
+    with pytest.raises(D.DataError, match=r"record 0: image file not found: .*UCM/gone\.png \(nor .*vhm/gone\.png\)"):
+        D.ConversationDataset(write(tmp_path / "lost.json", [lost], jsonl=False), proc, root)
+
+
+def test_vhm_original_files_train_a_step_and_a_prebalanced_file_is_reported(tiny_ckpt, images, tmp_path, capsys):
+    """VHM's pre-training captions and instruction file, in their own layout, train with no bad record; a file
+    that repeats records (already oversampled) is reported before balancing replicates it again."""
+    root = vhm_tree(tmp_path / "vhm", images)
+    pre = [conv(("h", "<image>\nDescribe the image in detail."), ("g", f"An aerial scene number {i}."),
+                image=f"img{i % 3}.png", source_dataset=("UCM", "RSVQA_LR", "DOTA-train")[i % 3]) for i in range(4)]
+    sft = [conv(("h", "<image>\n{CLS} Classify the scene."), ("g", "forest"), ("h", "{VQA} Is there water?"),
+                ("g", "no"), image="img0.png", source_dataset="UCM"),
+           conv(("h", "<image>\n{VG} the plane"), ("g", "[[10, 20, 300, 400]]"), image="img2.png",
+                source_dataset="DOTA-train")]
+    for stage, recs in (("pretrain", pre), ("sft", sft + sft)):  # the instruction file repeats both records
+        out = tmp_path / stage
+        T.main(one_step_args(tiny_ckpt[0], write(tmp_path / f"{stage}.json", recs, jsonl=False), root, out,
+                             "--stage", stage))
+        assert [r["step"] for r in metrics(out)] == [1]
+        log = capsys.readouterr().out
+        assert "'bad': 0" in log
+        assert ("2 records repeat an earlier one" in log and "--no-balance" in log) == (stage == "sft")
+
+
+def truncated_png(path, size=(84, 84)):
+    """A PNG whose header reads (size known to the scan) but whose pixels do not decode."""
+    Image.fromarray((np.random.default_rng(1).random((*size, 3)) * 255).astype("uint8")).save(path)
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:len(raw) // 2])
+    with Image.open(path) as im:
+        assert im.size == size
+    return path
+
+
+def test_image_failing_mid_training_is_skipped_and_counted(proc, tiny_ckpt, images, tmp_path):
+    root = tmp_path / "imgs"
+    os.makedirs(root)
+    Image.open(os.path.join(images, "3.png")).save(root / "good.png")  # 84x84, as the bad one
+    truncated_png(root / "bad.png")
+    good = conv(("h", "<image>\n{CLS} Classify."), ("g", "forest"), image="good.png")
+    bad = conv(("h", "<image>\n{CLS} Classify."), ("g", "harbour"), image="bad.png", id="b7")
+    path = write(tmp_path / "d.jsonl", [good, bad])
+    with pytest.raises(D.DataError, match=r"d\.jsonl: record 1 \(line 2\) \(id b7\): cannot read image file .*bad\.png"):
+        D.ConversationDataset(path, proc, str(root))[1]
+    ds = D.ConversationDataset(path, proc, str(root), skip_bad=True)
+    item = ds[1]
+    assert "bad.png" in item["skipped"] and (item["labels"] == D.IGNORE_INDEX).all()
+    assert item["image_grid_thw"].tolist() == [[1, 6, 6]] and item["pixel_values"].abs().sum() == 0
+    assert item["pixel_values"].shape == ds[0]["pixel_values"].shape  # 84x84 -> 6x6 patches, like the good one
+    # The blanked sample adds no label and no gradient: the step equals one on the good sample twice.
+    runs = {}
+    for name, recs, extra in (("skip", [good, bad], ["--skip-bad"]), ("twice", [good, good], [])):
+        out = tmp_path / name
+        T.main(one_step_args(tiny_ckpt[0], write(tmp_path / f"{name}.jsonl", recs), str(root), out, "--no-balance",
+                             *extra))
+        runs[name] = metrics(out)
+    assert runs["skip"][0]["skipped"] == 1 and runs["twice"][0]["skipped"] == 0
+    assert_close(runs["skip"], runs["twice"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
