@@ -166,9 +166,11 @@ def evaluate_rows(out: Path, cfg: dict, nproc: int, times: dict, retrained: set)
         if not (metrics.exists() and set(json.loads(metrics.read_text())["tasks"]) == set(EVAL_FILES)):
             log(f"eval {row}: {stage}/final in {mode} mode")
             tokens = cfg["eval"]["think_tokens" if mode == "think" else "plain_tokens"]
+            # --prompts ours: the synthetic questions were trained in data.TASK_PROMPTS wording, not the public one
             times[f"eval {row}"] = run(f"eval-{stage}-{mode}", [
                 "evaluate.py", "--model", out / stage / "final", *files, "--out", folder, "--mode", mode,
-                "--batch-size", cfg["eval"]["batch_size"], "--max-new-tokens", tokens, "--overwrite"], out, nproc)
+                "--prompts", "ours", "--batch-size", cfg["eval"]["batch_size"], "--max-new-tokens", tokens,
+                "--overwrite"], out, nproc)
             t = json.loads(metrics.read_text())["tasks"]
             log(f"eval {row}: done in {times[f'eval {row}']:.0f} s (accuracy % " + ", ".join(
                 f"{name} {100 * t[name]['score']:.1f}" for name in EVAL_FILES if name != "vg_synth")

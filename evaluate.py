@@ -1,15 +1,26 @@
-"""Evaluate a Qwen2-VL / TinyRS checkpoint on the paper's benchmarks (Table I) with honest metrics.
+"""Evaluate a Qwen2-VL / TinyRS checkpoint on the paper's benchmarks (Table I), like for like with the public
+evaluation (TinyRS's fork of ScoreRS's rs_evaluation.py), with honest metrics beside the published ones.
 
     python evaluate.py --model CKPT --data-root DIR --tasks all --out runs/eval [--mode plain|think|qwen]
     torchrun --nproc_per_node=N evaluate.py ...             # records split over ranks; same results as one
     python evaluate.py score --task-type vqa preds.jsonl     # score any system's predictions, print JSON
     python evaluate.py compare runs/a runs/b                 # several runs side by side, like Table I
 
+Prompts (--prompts public, the default): the user text the public script sends a TinyRS model, after the
+image: "{CLS} q" (classification), "{VQA} q " (VQA), "{VG} q " (grounding), the bare q (LHRS-Bench), q being
+the file's first human turn without its <image> placeholder; think mode adds the R1 system prompt
+(data.REASONING_SYSTEM_PROMPT), as the public R1 run did. --prompts ours wraps q in data.TASK_PROMPTS, the
+wording of our own SFT/GRPO data. --mode qwen uses the base model's wording (QWEN below) either way.
+
 Benchmark files follow the RSRM layout (REFERENCE.md §3). Each task writes OUT/<task>.jsonl as it goes
-(a header line with the run's settings, then one line per record: raw output in "pred", parsed prediction,
-score, time) and resumes from it; OUT/metrics.json and OUT/results.md summarise. Text accuracy is reported
-twice: strict (normalised exact match; empty is wrong) and lenient, the public rule behind published numbers
-(spaces removed, lower case, `prediction in answer`: an empty prediction counts as correct).
+(a header line with the run's settings, then one line per record: the exact prompt text in "prompt", raw
+output in "pred", parsed prediction, score, time) and resumes from it; OUT/metrics.json and OUT/results.md
+summarise. Text accuracy is reported twice: strict (normalised exact match; empty is wrong) and lenient, the
+public rule behind published numbers (spaces removed, lower case, `prediction in answer`: an empty prediction
+counts as correct). Grounding Pr@0.5 too: strict (a prediction without a box is a miss) and public
+(`pr@0.5_public`: only [[x1, y1, x2, y2]] boxes parse, a record without one leaves the denominator).
+A missing or unreadable image stops the run, naming the benchmark file, record and image; --skip-bad skips
+such records instead (one warning each; counted in the task's `n_skipped`).
 
 --zoom (RSCoVLM's Zoom-in Chain): for an image over the processor's pixel budget, pass 1 asks, on the
 downscaled image, for the box of the region that answers the question; pass 2 asks the question on that
@@ -59,9 +70,14 @@ LHRS_TYPES = {"1": "identity", "2": "color", "3": "orientation", "4": "shape", "
               "7": "distance", "8": "resolution", "9": "modality", "10": "location", "11": "reasoning"}
 AREA_LEVELS = (("S", 32 ** 2), ("M", 96 ** 2), ("L", math.inf))  # by ground-truth box area in pixels
 
-# plain/think: data.TASK_PROMPTS, the very wording our SFT/GRPO data wraps questions in (a VHM task tag, then a
-# short answer instruction; boxes come back as [[x1, y1, x2, y2]] in 0..1000); think adds the GRPO system prompt.
-# qwen: our wording of the base model's habits, with its native grounding request, answered as (x1,y1),(x2,y2).
+PROMPT_STYLES = ("public", "ours")
+# public: the user text rs_evaluation.py sends a TinyRS model (LMDeployLM's {CLS}/{VQA}/{VG} prefixes, no suffix).
+PUBLIC = {"cls": "{CLS} {q}", "mcq": "{q}",
+          "vqa": "{VQA} {q} ", "bbox": "{VG} {q} "}  # " " + empty suffix kept: token ids match the public runs
+# ours: data.TASK_PROMPTS, the very wording our SFT/GRPO data wraps questions in (a VHM task tag, then a short
+# answer instruction; boxes come back as [[x1, y1, x2, y2]] in 0..1000). Think mode adds the GRPO system prompt
+# to either. qwen: our wording of the base model's habits, with its native grounding request, answered as
+# (x1,y1),(x2,y2).
 QWEN = {"cls": "{q}\nAnswer with the name of one scene class.",
         "vqa": "{q}\nAnswer the question using a single word or phrase.",
         "bbox": "Output the bounding box of <|object_ref_start|>{q}<|object_ref_end|> in the image.",
@@ -69,8 +85,11 @@ QWEN = {"cls": "{q}\nAnswer with the name of one scene class.",
 ZOOM_QUESTION = 'the part of the image needed to answer "{q}"'  # pass 1 asks for this region as a box
 
 
-def build_prompt(proc, question: str, task_type: str, mode: str) -> str:
-    tpl = (QWEN if mode == "qwen" else TASK_PROMPTS)[task_type]
+def build_prompt(proc, question: str, task_type: str, mode: str, prompts: str = "public") -> str:
+    """The full chat text (image placeholder not yet expanded) for one question."""
+    if prompts not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {prompts!r}; expected one of {PROMPT_STYLES}")
+    tpl = (QWEN if mode == "qwen" else PUBLIC if prompts == "public" else TASK_PROMPTS)[task_type]
     content = [{"type": "image"}, {"type": "text", "text": tpl.replace("{q}", question)}]
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                     system_prompt=REASONING_SYSTEM_PROMPT if mode == "think" else None)
@@ -85,10 +104,45 @@ class Record:
     question: str
     answer: object
     types: list = field(default_factory=list)
+    source: str = ""  # the benchmark file, for error messages
+
+
+class BadImage(ValueError):
+    """A benchmark image that is missing or cannot be read (skipped under --skip-bad)."""
+
+
+def image_error(rec: Record, e: Exception) -> BadImage:
+    return BadImage(f"{rec.source or 'benchmark file'}, record {rec.index}: cannot read image {rec.image} ({e})")
+
+
+def image_size(rec: Record) -> tuple[int, int]:
+    """(w, h) from the image's header, without decoding its pixels."""
+    from PIL import Image
+    try:
+        with Image.open(rec.image) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise image_error(rec, e) from e
+
+
+def read_image(rec: Record):
+    try:
+        return load_image(rec.image)
+    except (OSError, ValueError) as e:  # missing, or pixels that fail to decode (e.g. a truncated file)
+        raise image_error(rec, e) from e
+
+
+def skip_or_stop(skip: bool, e: BadImage, say: bool = True):
+    """--skip-bad: one warning line (`say`: on the rank that met it) and go on; otherwise stop the run."""
+    if not skip:
+        raise SystemExit(f"{e}; fix or remove the record, or pass --skip-bad to skip such records")
+    if say:
+        tqdm.write(f"warning: skipped {e}", file=sys.stderr)  # above the progress bar, not inside it
 
 
 def load_records(path) -> list[Record]:
-    """Records of an RSRM-layout file; images sit in the folder named after the file unless `image_path`."""
+    """Records of an RSRM-layout file; images sit in the folder named after the file unless `image_path`.
+    Turns come under `conversations` (or `conversation`, which ScoreRS's script also reads)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file not found: {path}")
@@ -103,7 +157,7 @@ def load_records(path) -> list[Record]:
         if not isinstance(it, dict) or "image" not in it:
             raise ValueError(f"{path}: record {i} is not an object with an 'image'")
         turns = {}
-        for t in it.get("conversations") or []:
+        for t in it.get("conversations") or it.get("conversation") or []:
             if isinstance(t, dict):
                 turns.setdefault(t.get("from"), t.get("value"))  # the first of each
         if turns.get("human") is None or turns.get("gpt") is None:
@@ -113,7 +167,7 @@ def load_records(path) -> list[Record]:
         question = re.sub(r"<image>\s*", "", str(turns["human"])).strip()
         types = it.get("type") or []
         out.append(Record(i, str(folder / it["image"]), question, turns["gpt"],
-                          [str(t) for t in (types if isinstance(types, list) else [types])]))
+                          [str(t) for t in (types if isinstance(types, list) else [types])], str(path)))
     return out
 
 
@@ -134,11 +188,10 @@ def area_level(box) -> str:
     return next(name for name, limit in AREA_LEVELS if area < limit)
 
 
-def lenient_match(raw, answer, task_type: str) -> float:
-    """The public evaluation's rule, kept only so numbers compare with published ones: drop the text up to
-    </reasoning>, keep what is inside <answer>, remove spaces, cut at the first '.' (and ',' for cls/vqa),
-    lower-case, then `prediction in answer`. Empty or truncated-to-nothing predictions count as correct."""
-    p, a = str(raw), str(answer)
+def public_answer_text(raw) -> str:
+    """The answer as the public code cuts it from a raw output: the text after the first </reasoning> (all of
+    it when the reasoning is unclosed), then what lies inside <answer>, if any."""
+    p = str(raw)
     if "<reasoning>" in p:
         try:
             p = p.split("<reasoning>")[1].split("</reasoning>")[1]
@@ -146,6 +199,17 @@ def lenient_match(raw, answer, task_type: str) -> float:
             pass
     if "<answer>" in p:
         p = p.split("<answer>")[1].split("</answer>")[0]
+    return p
+
+
+PUBLIC_BOX = re.compile(r"\[\[(\d+)[,\s]+(\d+)[,\s]+(\d+)[,\s]+(\d+)\]\]")  # the public TinyRS box pattern
+
+
+def lenient_match(raw, answer, task_type: str) -> float:
+    """The public evaluation's rule, kept only so numbers compare with published ones: public_answer_text,
+    remove spaces, cut at the first '.' (and ',' for cls/vqa), lower-case, then `prediction in answer`.
+    Empty or truncated-to-nothing predictions count as correct."""
+    p, a = public_answer_text(raw), str(answer)
     if task_type == "mcq":
         p = p.split(".")[0].replace(" ", "").lower()
         a = a.replace(" ", "").replace(".", "").lower()
@@ -157,8 +221,12 @@ def lenient_match(raw, answer, task_type: str) -> float:
 
 def score_record(task_type: str, pred, answer, question: str = "", size=None, crop=None) -> dict:
     """Fields scoring one raw output `pred`. bbox: predicted boxes are 0..1000 of the view the model saw
-    (the image, or `crop` [x0, y0, x1, y1] of it), scaled to pixels of an image of `size` [w, h]; each
-    ground-truth box is paired with the predicted box in the same position (missing: IoU 0)."""
+    (the image, or `crop` [x0, y0, x1, y1] of it), scaled to pixels of an image of `size` [w, h].
+    Strict (`iou`): boxes in any form we parse, clamped to 0..1000; each ground-truth box is paired with the
+    predicted box in the same position (missing: IoU 0). Public (`iou_public`): only PUBLIC_BOX boxes of
+    public_answer_text, not clamped, zipped with the ground truth (unpaired boxes are not counted). The public
+    code unpacks `size` as (h, w) while files and PIL give (w, h); we scale with [w, h] (DIOR-RSVG is square,
+    so the figures agree)."""
     text = extract_answer(pred)
     if task_type == "bbox":
         gts = pixel_boxes(answer)
@@ -168,10 +236,15 @@ def score_record(task_type: str, pred, answer, question: str = "", size=None, cr
             raise ValueError("grounding needs the image size [w, h]")
         x0, y0, x1, y1 = crop or (0, 0, size[0], size[1])
         sx, sy = (x1 - x0) / 1000, (y1 - y0) / 1000
-        boxes = [[x0 + b[0] * sx, y0 + b[1] * sy, x0 + b[2] * sx, y0 + b[3] * sy] for b in parse_boxes(text)]
+
+        def to_pixels(bs):
+            return [[x0 + b[0] * sx, y0 + b[1] * sy, x0 + b[2] * sx, y0 + b[3] * sy] for b in bs]
+        boxes = to_pixels(parse_boxes(text))
         ious = [iou(boxes[i], g) if i < len(boxes) else 0.0 for i, g in enumerate(gts)]
+        public = to_pixels([[float(v) for v in m] for m in PUBLIC_BOX.findall(public_answer_text(pred))])
         return {"parsed": [[round(v, 2) for v in b] for b in boxes], "iou": ious,
-                "level": [area_level(g) for g in gts], "score": sum(ious) / len(ious)}
+                "level": [area_level(g) for g in gts], "score": sum(ious) / len(ious),
+                "iou_public": [iou(b, g) for b, g in zip(public, gts)]}
     if task_type not in TASK_TYPES:
         raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
     # Options are read from the question only for multiple choice, where "B" must match "B. forest".
@@ -192,12 +265,14 @@ def summarize(task_type: str, lines) -> dict:
     m = {"n": len(rows)}
     if task_type == "bbox":
         pairs = [(v, lv) for r in rows for v, lv in zip(r["iou"], r["level"])]
+        public = [v for r in rows for v in r["iou_public"]]  # records without a public box add nothing
         m.update({"pr@0.5": _mean(v >= 0.5 for v, _ in pairs), "mean_iou": _mean(v for v, _ in pairs),
-                  "n_boxes": len(pairs), "n_no_box": sum(not r["parsed"] for r in rows)})
+                  "n_boxes": len(pairs), "n_no_box": sum(not r["parsed"] for r in rows),
+                  "pr@0.5_public": _mean(v >= 0.5 for v in public), "n_boxes_public": len(public)})
         for name, _ in AREA_LEVELS:
             sel = [v for v, lv in pairs if lv == name]
             m[f"pr@0.5_{name}"], m[f"n_{name}"] = _mean(v >= 0.5 for v in sel), len(sel)
-        m["score"], m["score_lenient"] = m["pr@0.5"], None
+        m["score"], m["score_lenient"] = m["pr@0.5"], m["pr@0.5_public"]
     else:
         m.update({"acc_strict": _mean(r["strict"] for r in rows), "acc_lenient": _mean(r["lenient"] for r in rows),
                   "n_empty": sum(not r["parsed"] for r in rows)})
@@ -269,6 +344,8 @@ class Run:
     model: object
     proc: object
     mode: str = "plain"
+    prompts: str = "public"
+    skip_bad: bool = False
     batch_size: int = 8
     max_new_tokens: int = 256
     zoom: bool = False
@@ -293,33 +370,44 @@ def generate(run: Run, texts, images) -> tuple[list[str], list[int]]:
 
 def run_batch(run: Run, task_type: str, recs: list[Record]) -> list[dict]:
     t0 = time.perf_counter()
-    images = [load_image(r.image) for r in recs]
+    images, good = [], []
+    for r in recs:
+        try:
+            images.append(read_image(r))
+            good.append(r)
+        except BadImage as e:
+            skip_or_stop(run.skip_bad, e)
+    recs = good
+    if not recs:
+        return []
     sizes = [list(im.size) for im in images]
     crops, firsts, first_tokens = [None] * len(recs), {}, [0] * len(recs)
     if run.zoom:
         big = [i for i, im in enumerate(images) if im.width * im.height > run.proc.image_processor.max_pixels]
         if big:
-            texts = [build_prompt(run.proc, ZOOM_QUESTION.replace("{q}", recs[i].question), "bbox", run.mode)
-                     for i in big]
+            texts = [build_prompt(run.proc, ZOOM_QUESTION.replace("{q}", recs[i].question), "bbox", run.mode,
+                                  run.prompts) for i in big]
             outs, counts = generate(run, texts, [images[i] for i in big])
             side = int(math.sqrt(run.proc.image_processor.max_pixels))
-            for i, out, n in zip(big, outs, counts):
-                firsts[i], first_tokens[i] = out, n
+            for i, text, out, n in zip(big, texts, outs, counts):
+                firsts[i], first_tokens[i] = (text, out), n
                 boxes = parse_boxes(extract_answer(out))
                 if boxes:  # no box: pass 2 sees the whole (downscaled) image, as without --zoom
                     crops[i] = zoom_crop(boxes[0], sizes[i], side)
                     images[i] = images[i].crop(tuple(crops[i]))
-    outs, counts = generate(run, [build_prompt(run.proc, r.question, task_type, run.mode) for r in recs], images)
+    prompts = [build_prompt(run.proc, r.question, task_type, run.mode, run.prompts) for r in recs]
+    outs, counts = generate(run, prompts, images)
     seconds = (time.perf_counter() - t0) / len(recs)  # batch time shared evenly: per-sample latency
     mem = run.mem.gb() if run.mem else 0.0
     lines = []
     for i, r in enumerate(recs):
         line = {"index": r.index, "id": os.path.basename(r.image), "question": r.question, "answer": r.answer,
-                "size": sizes[i], "pred": outs[i]}
+                "size": sizes[i], "prompt": prompts[i], "pred": outs[i]}
         if r.types:
             line["type"] = r.types
         if i in firsts:
-            line["zoom_pred"], line["crop"] = firsts[i], crops[i]
+            line["zoom_prompt"], line["zoom_pred"] = firsts[i]
+            line["crop"] = crops[i]
         line.update(score_record(task_type, outs[i], r.answer, r.question, sizes[i], crops[i]))
         line.update(seconds=seconds, new_tokens=counts[i] + first_tokens[i], peak_mem_gb=mem)
         lines.append(line)
@@ -327,10 +415,8 @@ def run_batch(run: Run, task_type: str, recs: list[Record]) -> list[dict]:
 
 
 def prompt_length(run: Run, rec: Record, task_type: str) -> int:
-    from PIL import Image
-    with Image.open(rec.image) as im:  # header only: the size, not the pixels
-        w, h = im.size
-    text = build_prompt(run.proc, rec.question, task_type, run.mode)
+    w, h = image_size(rec)  # header only: the size, not the pixels
+    text = build_prompt(run.proc, rec.question, task_type, run.mode, run.prompts)
     return len(run.proc.encode(text)) + run.proc.image_processor.num_image_tokens(h, w)
 
 
@@ -404,10 +490,17 @@ def evaluate_task(run: Run, name: str, path: Path, task_type: str, out_dir: Path
     if err:
         raise SystemExit(err)
     done = {ln["index"] for ln in read_jsonl(out)[1]}
-    todo = [r for r in records if r.index not in done]
+    lengths = {}
+    for r in records:
+        if r.index not in done:
+            try:
+                lengths[r.index] = prompt_length(run, r, task_type)
+            except BadImage as e:  # every rank reads every header: rank 0 alone warns
+                skip_or_stop(run.skip_bad, e, say=run.rank == 0)
+    todo = [r for r in records if r.index in lengths]
     # Longest prompts first, so a batch pads little; batches dealt out whole, round robin, so every batch
     # (and hence every output) is the same for any number of ranks, including more ranks than batches.
-    todo.sort(key=lambda r: -prompt_length(run, r, task_type))
+    todo.sort(key=lambda r: -lengths[r.index])
     batches = [todo[i:i + run.batch_size] for i in range(0, len(todo), run.batch_size)][run.rank::run.world]
     sink = out if run.world == 1 else out_dir / f"{name}.part{run.rank}.jsonl"
     if run.mem:
@@ -424,7 +517,8 @@ def evaluate_task(run: Run, name: str, path: Path, task_type: str, out_dir: Path
     if run.rank != 0:
         return None
     wanted = {r.index for r in records}
-    return summarize(task_type, [ln for ln in consolidate(out, meta) if ln["index"] in wanted])
+    lines = [ln for ln in consolidate(out, meta) if ln["index"] in wanted]
+    return dict(summarize(task_type, lines), n_skipped=len(records) - len(lines))  # --skip-bad; 0 otherwise
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,7 +527,7 @@ def group_averages(tasks: dict) -> dict:
     out = {}
     for t in tasks.values():
         out.setdefault(t["group"], []).append(t)
-    return {g: {"score": _mean(t["score"] for t in ts),
+    return {g: {"score": _mean(t["score"] for t in ts) if all(t["score"] is not None for t in ts) else None,
                 "score_lenient": _mean(t["score_lenient"] for t in ts) if all(
                     t["score_lenient"] is not None for t in ts) else None, "n_tasks": len(ts)}
             for g, ts in out.items()}
@@ -462,7 +556,8 @@ def table(runs: dict) -> str:
         rows.append("| | Average | " + " | ".join(_cell(a["score"], a["score_lenient"]) if a else "-"
                                                 for a in avgs) + " |")
     note = ("\nCells: accuracy % strict / lenient (the public `prediction in answer` rule, which counts empty "
-            "answers as correct); grounding: Pr@0.5 %.\n")
+            "answers as correct); grounding: Pr@0.5 % strict (no box: a miss) / public (only [[x1, y1, x2, y2]] "
+            "boxes parse; a record without one is left out).\n")
     return "\n".join(rows) + "\n" + note
 
 
@@ -501,7 +596,9 @@ def write_reports(out_dir: Path, meta: dict, tasks: dict) -> dict:
 # Command line
 def cmd_score(argv) -> int:
     ap = argparse.ArgumentParser(prog="evaluate.py score", description="Score predictions of any system: one "
-                                 'JSON per line {"pred", "answer", "size": [w, h] (bbox), "type": [...] (mcq)}.')
+                                 'JSON per line {"pred", "answer", "size": [w, h] (bbox), "type": [...] (mcq), '
+                                 '"question" or "query" (mcq: its options map a letter to its text), "image" or '
+                                 '"filename"}: evaluate.py\'s rows and the public script\'s output rows alike.')
     ap.add_argument("--task-type", required=True, choices=TASK_TYPES)
     ap.add_argument("file")
     a = ap.parse_args(argv)
@@ -518,6 +615,12 @@ def cmd_score(argv) -> int:
         need = ("pred", "answer") + (("size",) if a.task_type == "bbox" else ())
         if any(key not in obj for key in need):
             raise SystemExit(f"{a.file}, line {k}: needs {', '.join(need)}")
+        obj.setdefault("question", obj.get("query", ""))  # the public rows keep the question as "query"
+        obj.setdefault("id", os.path.basename(str(obj.get("image") or obj.get("filename") or "")))
+        try:
+            score_record(a.task_type, obj["pred"], obj["answer"], obj["question"], obj.get("size"), obj.get("crop"))
+        except (ValueError, TypeError, IndexError) as e:
+            raise SystemExit(f"{a.file}, line {k} ({obj['id'] or 'no image named'}): {e}")
         lines.append(obj)
     print(json.dumps(summarize(a.task_type, lines), indent=2))
     return 0
@@ -547,7 +650,11 @@ def parse_args(argv):
     ap.add_argument("--task-type", action="append", default=[], choices=TASK_TYPES,
                     help="the type of each --task-file, in order, or one for all")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", default="plain", choices=MODES)
+    ap.add_argument("--mode", default="plain", choices=MODES,
+                    help="plain; think (adds the R1 reasoning system prompt); qwen (the base model's wording)")
+    ap.add_argument("--prompts", default="public", choices=PROMPT_STYLES,
+                    help="plain/think wording: public (default), the public evaluation's TinyRS prompts\n"
+                         "('{CLS} q', '{VQA} q ', '{VG} q ', bare LHRS-Bench q); ours, data.TASK_PROMPTS")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--limit", type=int, default=None, help="first N records of each task")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64, or 1024 in think mode")
@@ -556,6 +663,9 @@ def parse_args(argv):
     ap.add_argument("--zoom", action="store_true", help="Zoom-in Chain for images over the pixel budget")
     ap.add_argument("--speed", action="store_true", help="run plain and think modes, print a Table-V comparison")
     ap.add_argument("--overwrite", action="store_true", help="redo tasks whose output belongs to another run")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip records whose image is missing or unreadable (a warning each; counted in\n"
+                         "n_skipped) instead of stopping")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
@@ -606,8 +716,9 @@ def main(argv=None) -> int:
     proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     model = Qwen2VL.from_pretrained(a.model, dtype=dtype, device=device)
     model_id = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
-    run = Run(model, proc, batch_size=a.batch_size, zoom=a.zoom, rank=rank, world=world, mem=PeakMemory(device))
-    b = proc(text=[build_prompt(proc, "warm-up", "vqa", "plain")], images=[Image.new("RGB", (56, 56))])
+    run = Run(model, proc, prompts=a.prompts, skip_bad=a.skip_bad, batch_size=a.batch_size, zoom=a.zoom,
+              rank=rank, world=world, mem=PeakMemory(device))
+    b = proc(text=[build_prompt(proc, "warm-up", "vqa", "plain", a.prompts)], images=[Image.new("RGB", (56, 56))])
     model.generate(**b, max_new_tokens=2)  # warm-up: one-time setup is not the first task's latency
     results = {}
     for mode in (("plain", "think") if a.speed else (a.mode,)):
@@ -618,7 +729,8 @@ def main(argv=None) -> int:
         run.mode = mode
         run.max_new_tokens = a.max_new_tokens or (1024 if mode == "think" else 64)
         # Everything the outputs depend on; a file written under other settings is not resumed.
-        meta = {"model": model_id, "mode": mode, "max_new_tokens": run.max_new_tokens, "zoom": a.zoom,
+        meta = {"model": model_id, "mode": mode, "prompts": "qwen" if mode == "qwen" else a.prompts,
+                "max_new_tokens": run.max_new_tokens, "zoom": a.zoom,
                 "min_pixels": proc.image_processor.min_pixels, "max_pixels": proc.image_processor.max_pixels,
                 "dtype": str(dtype).removeprefix("torch."), "device": device.split(":")[0]}
         tasks = {}

@@ -65,6 +65,7 @@ def test_numbers_come_from_the_evaluations(quick):
         folder = quick / res["eval_dirs"][row]
         m = json.loads((folder / "metrics.json").read_text())
         assert m["meta"]["mode"] == mode and m["meta"]["model"] == str((quick / stage / "final").resolve())
+        assert m["meta"]["prompts"] == "ours"  # the wording the synthetic data was trained in
         t = m["tasks"]
         assert r["classification"] == t["cls_synth"]["acc_strict"]
         assert r["vqa"] == t["vqa_synth"]["acc_strict"]

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import evaluate as E  # noqa: E402
-from data import ImageProcessor, Processor  # noqa: E402
+from data import TASK_PROMPTS, ImageProcessor, Processor  # noqa: E402
 
 THINK = "<reasoning>The roofs are dense and regular.</reasoning><answer>{}</answer>"
 
@@ -93,7 +94,38 @@ def test_grounding_metrics_levels_and_missing_boxes():
     assert m["pr@0.5"] == pytest.approx(3 / 6)
     assert (m["pr@0.5_S"], m["pr@0.5_M"], m["pr@0.5_L"]) == (0.5, 0.5, 0.5)
     assert m["mean_iou"] == pytest.approx((1 + 0 + 1 + 0 + 0.625 + 40 / 96) / 6)
-    assert m["score"] == m["pr@0.5"] and m["score_lenient"] is None
+    assert m["score"] == m["pr@0.5"]
+    # public: the record without a box leaves the denominator: 3 hits of 5 counted boxes
+    assert (m["pr@0.5_public"], m["n_boxes_public"]) == (pytest.approx(3 / 5), 5)
+    assert m["score_lenient"] == m["pr@0.5_public"]
+
+
+def test_grounding_strict_vs_public_figures():
+    size = [1000, 1000]  # 0..1000 equals pixels
+    gt = "[0, 0, 100, 100]"
+    lines = [{"pred": "[[0, 0, 100, 100]]", "answer": gt, "size": size},                 # hit, both
+             {"pred": "[[500, 500, 600, 600]]", "answer": gt, "size": size},             # miss, both
+             {"pred": "no box here", "answer": gt, "size": size},                        # strict miss, public drop
+             {"pred": "[0, 0, 100, 100]", "answer": gt, "size": size},                   # single brackets: strict
+             # hit; the public [[...]] pattern does not parse it, so public drops the record
+             {"pred": "[[0, 0, 100, 100]]", "answer": "[[0, 0, 100, 100], [200, 200, 300, 300]]",
+              "size": size},                                                             # strict hit + miss;
+             # public zips 1 predicted box with 2 ground-truth boxes: 1 pair, a hit
+             {"pred": "[[100, 100, 600, 600]]", "answer": "[20, 10, 120, 60]", "size": [200, 100]},  # (w, h):
+             # a hit in both when scaled by [w, h]
+             {"pred": "[[900, 900, 1300, 1250]]", "answer": "[90, 90, 100, 100]", "size": [100, 100]},
+             # strict clamps to the image: IoU 1; public does not: 10*10 / (40*35), a miss
+             {"pred": "<reasoning>[[0, 0, 100, 100]]</reasoning><answer>[[500, 500, 600, 600]]</answer>",
+              "answer": gt, "size": size}]                                               # the <answer> box: miss
+    m = E.summarize("bbox", lines)
+    # strict: 9 ground-truth boxes, hits in rows 1, 4, 5 (first box), 6, 7
+    assert (m["n_boxes"], m["pr@0.5"]) == (9, pytest.approx(5 / 9)) and m["n_no_box"] == 1
+    # public: pairs from rows 1, 2, 5, 6, 7, 8; hits in rows 1, 5, 6
+    assert (m["n_boxes_public"], m["pr@0.5_public"]) == (6, pytest.approx(3 / 6))
+    assert (m["score"], m["score_lenient"]) == (m["pr@0.5"], m["pr@0.5_public"])
+    s = E.score_record("bbox", lines[6]["pred"], lines[6]["answer"], size=lines[6]["size"])
+    assert s["iou"] == [pytest.approx(1.0)] and s["iou_public"] == [pytest.approx(100 / 1400)]
+    assert "| Grounding | G | 55.6 / 50.0 |" in E.table({"r": {"tasks": {"G": {"group": "grounding", **m}}}})
 
 
 def test_several_ground_truth_boxes_pair_in_order():
@@ -211,6 +243,68 @@ def test_prompts_per_mode(tiny_ckpt):
     assert qwen.count("<|image_pad|>") == 1 and qwen.endswith("<|im_start|>assistant\n")
 
 
+USER = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+R1_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+             "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+             "the answer. The reasoning process and answer are enclosed within <reasoning> </reasoning> and "
+             "<answer> </answer> tags, respectively, i.e., <reasoning> reasoning process here </reasoning>"
+             "<answer> answer here </answer>")  # eval/config/qwen2_thinking_template.json of the public code
+
+
+@pytest.mark.parametrize("task_type, question, user_text", [
+    ("cls", "Classify the scene.", "{CLS} Classify the scene."),
+    ("vqa", "Is there a ship?", "{VQA} Is there a ship? "),        # " " + the empty suffix
+    ("bbox", "the red car", "{VG} the red car "),
+    ("mcq", "What is it? A. port B. farm", "What is it? A. port B. farm"),  # LHRS-Bench: the bare question
+])
+def test_public_prompts_are_the_public_scripts_text(tiny_ckpt, task_type, question, user_text):
+    proc = Processor.from_pretrained(tiny_ckpt[0])
+    plain = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + USER + user_text + ASSISTANT
+    assert E.build_prompt(proc, question, task_type, "plain") == plain  # public is the default
+    assert E.build_prompt(proc, question, task_type, "plain", "public") == plain
+    think = f"<|im_start|>system\n{R1_SYSTEM}<|im_end|>\n" + USER + user_text + ASSISTANT
+    assert E.build_prompt(proc, question, task_type, "think", "public") == think
+    ours = E.build_prompt(proc, question, task_type, "plain", "ours")
+    assert ours == plain.replace(user_text, TASK_PROMPTS[task_type].replace("{q}", question)) != plain
+    with pytest.raises(ValueError, match="unknown prompt style 'mine'"):
+        E.build_prompt(proc, question, task_type, "plain", "mine")
+
+
+def test_load_records_reads_a_conversation_key(tmp_path):
+    f = tmp_path / "lhrs.json"
+    f.write_text(json.dumps([{"image": "a.png", "type": ["2"],
+                              "conversation": _conv("Which colour? A. red B. blue", "B")}]))
+    rec, = E.load_records(f)
+    assert (rec.question, rec.answer, rec.types) == ("Which colour? A. red B. blue", "B", ["2"])
+    assert rec.image == str(tmp_path / "lhrs" / "a.png") and rec.source == str(f)
+
+
+def test_score_reads_public_output_rows_with_query(tmp_path, capsys):
+    """Rows as the public script writes them (query, filename, size, answer, pred, type); "B" and "forest" match
+    only through the query's "B. forest"."""
+    q = "What is shown? A. farmland B. forest C. city D. lake"
+    rows = [("B", "forest", ["1"]),                                        # right via the query
+            ("C. city", "city", ["1"]),                                    # right: same text
+            ("A", "A", ["5"]),                                             # right: same letter
+            ("forest", "B", ["5"]),                                        # right via the query
+            ("<reasoning>blue water</reasoning><answer>D</answer>", "lake", ["2"]),  # right via the query
+            ("A", "forest", ["2"]),                                        # wrong
+            ("", "C", ["1"])]                                              # wrong: empty
+    f = tmp_path / "LHRS-Bench_TinyRS-R1_eval.jsonl"
+    f.write_text("\n".join(json.dumps({"filename": f"/data/LHRS-Bench/{i}.png", "size": [512, 512], "query": q,
+                                       "answer": a, "type": t, "pred": p}) for i, (p, a, t) in enumerate(rows)))
+    assert E.main(["score", "--task-type", "mcq", str(f)]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert (m["n"], m["acc_strict"]) == (7, pytest.approx(5 / 7))
+    assert m["acc_lenient"] == pytest.approx(3 / 7)  # "c" in "city", "a" in "a", "" in "c"
+    assert m["by_type"]["color"]["acc_strict"] == 0.5
+    # without the question the letters cannot map to options: only rows 2 and 3 match
+    f.write_text("\n".join(json.dumps({"answer": a, "pred": p}) for p, a, _ in rows))
+    E.main(["score", "--task-type", "mcq", str(f)])
+    assert json.loads(capsys.readouterr().out)["acc_strict"] == pytest.approx(2 / 7)
+
+
 def test_score_command_and_its_errors(tmp_path, capsys):
     f = tmp_path / "p.jsonl"
     lines = [{"pred": "[[0,0,500,500]]", "answer": "[0, 0, 50, 100]", "size": [100, 200]},
@@ -221,6 +315,9 @@ def test_score_command_and_its_errors(tmp_path, capsys):
     assert out == E.summarize("bbox", lines) and out["pr@0.5"] == 0.5
     f.write_text(json.dumps({"pred": "x", "answer": "[0,0,1,1]"}) + "\n")
     with pytest.raises(SystemExit, match="line 1: needs pred, answer, size"):
+        E.main(["score", "--task-type", "bbox", str(f)])
+    f.write_text(json.dumps({"pred": "x", "answer": "no box", "size": [9, 9], "filename": "/d/img7.png"}) + "\n")
+    with pytest.raises(SystemExit, match=r"line 1 \(img7.png\): ground truth 'no box' has no \[x1"):
         E.main(["score", "--task-type", "bbox", str(f)])
 
 
@@ -253,6 +350,8 @@ def bench(tmp_path_factory):
                        ("How many? A. one B. two C. three", "A", 56, 56, ["5"]),
                        ("Which colour? A. red B. blue", "B", 84, 56, ["2"])],
         "one": [("Is it urban?", "yes", 56, 56)],
+        "bad": [("Is it urban?", "yes", 56, 56), ("Is it rural?", "no", 56, 56),     # 1: truncated below
+                ("Is it wet?", "no", 56, 56), ("Is it dry?", "yes", 84, 56)],        # 2: deleted below
     }
     for stem, recs in files.items():
         (root / stem).mkdir()
@@ -270,6 +369,9 @@ def bench(tmp_path_factory):
                 item["type"] = types[0]
             items.append(item)
         (root / f"{stem}.json").write_text(json.dumps(items))
+    png = (root / "bad" / "bad_1.png").read_bytes()
+    (root / "bad" / "bad_1.png").write_bytes(png[:len(png) // 2])  # its header reads, its pixels do not
+    (root / "bad" / "bad_2.png").unlink()
     return root
 
 
@@ -297,16 +399,27 @@ def test_end_to_end_metrics_equal_rescoring_of_jsonl(tiny_ckpt, bench, tmp_path,
     for name, task in metrics["tasks"].items():
         meta, recs = _records(out, name)
         assert meta["meta"]["mode"] == "plain" and meta["meta"]["task_type"] == task["type"]
+        assert meta["meta"]["prompts"] == "public" and task["n_skipped"] == 0
         assert [r["index"] for r in recs] == [0, 1, 2]
         for r in recs:
-            assert {"index", "id", "question", "answer", "pred", "parsed", "score", "seconds"} <= set(r)
+            assert {"index", "id", "question", "answer", "prompt", "pred", "parsed", "score", "seconds"} <= set(r)
         capsys.readouterr()
         E.main(["score", "--task-type", task["type"], str(out / f"{name}.jsonl")])
         rescored = json.loads(capsys.readouterr().out)
-        assert rescored == {k: v for k, v in task.items() if k not in ("group", "type")}
+        assert rescored == {k: v for k, v in task.items() if k not in ("group", "type", "n_skipped")}
         assert task["n"] == 3 and task["sec_per_sample"] > 0 and task["peak_mem_gb"] > 0
     aid = _records(out, "AID")[1]
     assert "zoom_pred" in aid[2] and "zoom_pred" not in aid[0]  # only the image over the pixel budget
+    # the exact chat text sent, per record and for the zoom pass
+    q = "Classify the scene: forest, river, airport."
+    assert aid[0]["prompt"].endswith(f"<|vision_end|>{{CLS}} {q}<|im_end|>\n<|im_start|>assistant\n")
+    assert aid[2]["zoom_prompt"].endswith(f'<|vision_end|>{{VG}} the part of the image needed to answer "{q}" '
+                                          '<|im_end|>\n<|im_start|>assistant\n') and "zoom_prompt" not in aid[0]
+    assert _records(out, "LR-presence")[1][0]["prompt"].endswith("{VQA} Is there a road? <|im_end|>\n"
+                                                                 "<|im_start|>assistant\n")
+    assert _records(out, "LHRS-Bench")[1][1]["prompt"].endswith("<|vision_end|>How many? A. one B. two C. three"
+                                                                "<|im_end|>\n<|im_start|>assistant\n")
+    assert metrics["tasks"]["DIOR-RSVG"]["score_lenient"] == metrics["tasks"]["DIOR-RSVG"]["pr@0.5_public"]
     assert _records(out, "LR-presence")[1][1]["id"] == "RSVQA_LR-presence_RSVQA_1.png"
     assert _records(out, "LHRS-Bench")[1][0]["type"] == ["1", "5"]
     assert set(metrics["tasks"]["LHRS-Bench"]["by_type"]) == {"identity", "quantity", "color"}
@@ -349,17 +462,53 @@ def test_interrupted_run_resumes_and_foreign_files_are_refused(tiny_ckpt, bench,
     # the same output folder for another mode: refused with a clear message, redone with --overwrite
     with pytest.raises(SystemExit, match=r"different run \(mode differ\).*--overwrite"):
         E.main(args + ["--mode", "think"])
+    with pytest.raises(SystemExit, match=r"different run \(prompts differ\)"):  # same mode, other wording
+        E.main(args + ["--prompts", "ours"])
     calls[:] = []
     assert E.main(args + ["--mode", "think", "--overwrite"]) == 0
     assert sum(calls) == 3 and _records(out, "LR-presence")[0]["meta"]["mode"] == "think"
+
+
+def _bad_args(ckpt, bench, out):
+    return ["--model", ckpt, "--task-file", str(bench / "bad.json"), "--task-type", "vqa", "--out", str(out),
+            "--max-new-tokens", "2"]
+
+
+def test_a_bad_image_stops_the_run_naming_file_record_and_image(tiny_ckpt, bench, tmp_path):
+    args = _bad_args(tiny_ckpt[0], bench, tmp_path / "out")
+    where = re.escape(f"{bench / 'bad.json'}, record ")
+    # missing: met while reading headers (to sort by prompt length), before any generation
+    with pytest.raises(SystemExit, match=where + re.escape(f"2: cannot read image {bench / 'bad' / 'bad_2.png'} (")
+                       + ".*pass --skip-bad"):
+        E.main(args)
+    # truncated: the header reads, the pixels fail when its batch is decoded
+    with pytest.raises(SystemExit, match=where + re.escape(f"1: cannot read image {bench / 'bad' / 'bad_1.png'} (")
+                       + ".*truncated"):
+        E.main(args + ["--limit", "2"])
+
+
+def test_skip_bad_skips_and_counts_a_missing_and_a_truncated_image(tiny_ckpt, bench, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _bad_args(tiny_ckpt[0], bench, out) + ["--skip-bad"]
+    for _ in range(2):  # the second time resumes: the skipped records are tried again, and counted again
+        assert E.main(args) == 0
+        warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning: skipped" in ln]
+        assert len(warnings) == 2
+        assert any("bad.json, record 1: cannot read image" in w and "bad_1.png" in w for w in warnings)
+        assert any("bad.json, record 2: cannot read image" in w and "bad_2.png" in w for w in warnings)
+        task = json.loads((out / "metrics.json").read_text())["tasks"]["bad"]
+        assert (task["n"], task["n_skipped"]) == (2, 2)
+        assert [r["index"] for r in _records(out, "bad")[1]] == [0, 3]  # the batch went on without record 1
+    assert E.main(args + ["--limit", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["tasks"]["bad"]["n_skipped"] == 1  # of 2 asked
 
 
 def test_two_processes_match_one_even_with_fewer_records_than_ranks(tiny_ckpt, bench, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("WORLD_SIZE", None)
     common = ["--model", tiny_ckpt[0], "--data-root", str(bench), "--tasks", "AID,DIOR-RSVG,LHRS-Bench",
-              "--task-file", str(bench / "one.json"), "--task-type", "vqa", "--batch-size", "2",
-              "--max-new-tokens", "5", "--zoom"]
+              "--task-file", str(bench / "one.json"), "--task-file", str(bench / "bad.json"), "--task-type", "vqa",
+              "--batch-size", "2", "--max-new-tokens", "5", "--zoom", "--skip-bad"]
     one = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *common, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -368,8 +517,11 @@ def test_two_processes_match_one_even_with_fewer_records_than_ranks(tiny_ckpt, b
                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
-    assert list(m2["tasks"]) == ["AID", "DIOR-RSVG", "LHRS-Bench", "one"]
+    assert list(m2["tasks"]) == ["AID", "DIOR-RSVG", "LHRS-Bench", "one", "bad"]
     assert _strip(m1["tasks"]) == _strip(m2["tasks"]) and m2["tasks"]["one"]["n"] == 1
+    assert m2["tasks"]["bad"]["n_skipped"] == 2 and m2["tasks"]["bad"]["n"] == 2
+    for res in (one, two):  # one warning per skipped record, whichever rank met it, however many ranks
+        assert res.stderr.count("warning: skipped") == 2, res.stderr[-3000:]
     for name in m1["tasks"]:
         h1, r1 = _records(tmp_path / "one", name)
         h2, r2 = _records(tmp_path / "two", name)
@@ -380,8 +532,11 @@ def test_two_processes_match_one_even_with_fewer_records_than_ranks(tiny_ckpt, b
 def test_speed_compares_plain_and_think(tiny_ckpt, bench, tmp_path, capsys):
     out = tmp_path / "speed"
     assert E.main(["--model", tiny_ckpt[0], "--data-root", str(bench), "--tasks", "LR-presence", "--out", str(out),
-                   "--limit", "2", "--max-new-tokens", "4", "--speed"]) == 0
+                   "--limit", "2", "--max-new-tokens", "4", "--speed", "--prompts", "ours"]) == 0
     text = (out / "speed.md").read_text()
     assert "plain |" in text and "think |" in text and "Latency think" in text
-    assert json.loads((out / "think" / "LR-presence.jsonl").read_text().splitlines()[0])["meta"]["mode"] == "think"
+    meta, recs = _records(out / "think", "LR-presence")
+    assert (meta["meta"]["mode"], meta["meta"]["prompts"]) == ("think", "ours")
+    assert TASK_PROMPTS["vqa"].replace("{q}", "Is there a road?") + "<|im_end|>" in recs[0]["prompt"]
+    assert "<|im_start|>system\nA conversation between User and Assistant." in recs[0]["prompt"]
     assert "Latency think" in capsys.readouterr().out
