@@ -5,6 +5,7 @@ completion must cost reward, not a training step. Boxes are [x1, y1, x2, y2] in 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import numbers
@@ -20,10 +21,10 @@ log = logging.getLogger(__name__)
 
 MODES = ("continuous", "binary", "quantized")
 
-# VHM-RL stores the answer type as a code. Neither the paper nor REFERENCE.md says which
-# code is which; this mapping is our own reading.
-ANSWER_TYPES = {"0": "closed", "1": "box", "2": "open",
-                "closed": "closed", "box": "box", "open": "open", "grounding": "box"}
+# VHM-RL stores the answer type as solution[0]. The public TinyRS reward (github.com/aybora/TinyRS,
+# grpo/src/open_r1/grpo.py, accuracy_reward) sends "0" to the LLM judge, compares "1" as exact text
+# and scores "2" by box IoU; our own files spell the names.
+ANSWER_TYPES = {"0": "open", "1": "closed", "2": "box", "open": "open", "closed": "closed", "box": "box"}
 
 _FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
@@ -234,16 +235,29 @@ def _check_mode(mode):
 
 
 def answer_kind(answer_type) -> str:
-    """'closed', 'box' or 'open' for a type name or VHM-RL code; unknown types grade as closed."""
-    return ANSWER_TYPES.get(str(answer_type).strip().lower(), "closed")
+    """'open', 'closed' or 'box' for a type name or public code (0, 1, 2 or "0", "1", "2").
+
+    Anything else raises ValueError: a mislabelled record must stop training, not grade silently."""
+    kind = None if isinstance(answer_type, bool) else ANSWER_TYPES.get(str(answer_type).strip().lower())
+    if kind is None:
+        raise ValueError(f"unknown answer type {answer_type!r}; expected one of {', '.join(ANSWER_TYPES)} "
+                         "(public codes: 0 open, 1 closed, 2 box)")
+    return kind
+
+
+def public_closed_match(prediction, answer) -> float:
+    """The public reward's closed test: equal after strip, lower-case and removing '.'; empty never matches."""
+    p, a = (_text(x).strip().lower().replace(".", "") for x in (prediction, answer))
+    return float(bool(p) and p == a)
 
 
 def accuracy_reward(completion, answer, answer_type, question=None, image=None, judge=None,
                     mode="continuous") -> float:
     """Task-dependent accuracy of the completion's extracted answer against `answer`.
 
-    closed: 1/0 on the normalised answer (every mode). box: IoU of the first predicted box
-    with the first box parsed from `answer` (never from the completion), 0 without a box.
+    closed: 1 if `closed_match` or the public rule (`public_closed_match`) says equal, else 0
+    (every mode). box: IoU of the first predicted box with the first box parsed from `answer`
+    (never from the completion), 0 without a box.
     open: judge score in [0, 1]; without a judge, the closed-style exact match, so offline
     runs still get a (strict) signal. box and open scores then go through `apply_mode`.
     """
@@ -257,15 +271,16 @@ def accuracy_reward(completion, answer, answer_type, question=None, image=None, 
         if not pred:
             return 0.0
         return apply_mode(judge.score(_text(question), _text(answer), pred, image), "open", mode)
-    return closed_match(pred, answer, question)
+    return max(closed_match(pred, answer, question), public_closed_match(pred, answer))
 
 
 def compute_rewards(completions, answers, answer_types, questions=None, names=("format", "accuracy"),
                     judge=None, mode="continuous", images=None) -> dict[str, list[float]]:
     """{name: one reward per completion} for names among "format", "accuracy", "positional".
 
-    Open answers go to the judge in one concurrent batch. "positional" is
-    `positional_reward` for box answers (0 without a predicted box) and 0 for other types.
+    Open answers go to the judge in one concurrent batch, each with its image (a path, URL or PIL
+    image; see Judge). "positional" is `positional_reward` for box answers (0 without a predicted
+    box) and 0 for other types. An unknown answer type raises ValueError before anything is scored.
     """
     _check_mode(mode)
     n = len(completions)
@@ -303,18 +318,20 @@ def compute_rewards(completions, answers, answer_types, questions=None, names=("
 
 JUDGE_PROMPT = (
     "You grade answers to questions about remote-sensing images (satellite or aerial photos). "
-    "You are given the question, a reference answer and a candidate answer. Rate how well the "
-    "candidate agrees with the reference in meaning: the objects, counts, attributes, positions "
-    "and conclusions matter; wording, length and style do not. Extra detail that does not "
-    "contradict the reference is acceptable; contradictions and invented facts lower the score. "
-    "Reply with a single integer from 0 (wrong or unrelated) to 10 (equivalent to the reference) "
-    "and nothing else.")
+    "You are given the image when attached, the question, a reference answer and a candidate "
+    "answer. Rate how well the candidate agrees with the reference in meaning: the objects, "
+    "counts, attributes, positions and conclusions matter; wording, length and style do not. "
+    "Extra detail that does not contradict the reference is acceptable; contradictions and "
+    "invented facts lower the score. Reply with a single integer from 0 (wrong or unrelated) to "
+    "10 (equivalent to the reference) and nothing else.")
 
 
 @dataclass
 class Judge:
     """LLM judge on any OpenAI-compatible endpoint; scores in [0, 1], failures score 0.
 
+    The judge sees the image: an http(s) or data URL is sent as is; a local path or PIL image as a JPEG data
+    URL, its longest side at most `image_max_side`, converted once per path. An unreadable image is a failure.
     The API key (argument, else env `api_key_env`) goes only into the client: it is not a
     field, so it is absent from repr() and dataclasses.asdict(), and redacted from logs.
     """
@@ -326,6 +343,8 @@ class Judge:
     timeout: float = 30.0
     max_retries: int = 2
     max_tokens: int = 8
+    image_max_side: int = 768
+    image_cache: int = 256  # data URLs kept (about 100 KB each), oldest dropped first
     failures: int = field(default=0, init=False)
     requests: int = field(default=0, init=False)
 
@@ -340,6 +359,8 @@ class Judge:
                                      max_retries=self.max_retries)
         self._cache: dict = {}
         self._lock = threading.Lock()
+        self._urls: dict[str, str] = {}  # local image path -> data URL
+        self._url_lock = threading.Lock()  # held while converting, so threads never encode one image twice
 
     def _redact(self, msg: str) -> str:
         key = self._client.api_key
@@ -348,8 +369,8 @@ class Judge:
     def _ask(self, question, answer, prediction, image) -> float:
         text = f"Question:\n{question}\n\nReference answer:\n{answer}\n\nCandidate answer:\n{prediction}"
         content = [{"type": "text", "text": text}]
-        if isinstance(image, str) and image.startswith(("http://", "https://", "data:")):
-            content.append({"type": "image_url", "image_url": {"url": image}})
+        if image is not None:
+            content.append({"type": "image_url", "image_url": {"url": self._image_url(image)}})
         with self._lock:
             self.requests += 1
         reply = self._client.chat.completions.create(
@@ -359,6 +380,21 @@ class Judge:
         if m is None:
             raise ValueError("judge reply has no number")
         return min(max(float(m.group()), 0.0), 10.0) / 10.0
+
+    def _image_url(self, image) -> str:
+        if isinstance(image, str) and image.startswith(("http://", "https://", "data:")):
+            return image
+        import data  # lazily: rewards stays importable without the image stack
+
+        if not isinstance(image, (str, os.PathLike)):  # a PIL image: no name to cache it under
+            return data.image_data_url(image, self.image_max_side)
+        path = os.fspath(image)
+        with self._url_lock:
+            if path not in self._urls:
+                if len(self._urls) >= self.image_cache:  # a step's images recur within it, older ones only next epoch
+                    self._urls.pop(next(iter(self._urls)))
+                self._urls[path] = data.image_data_url(path, self.image_max_side)
+            return self._urls[path]
 
     def score(self, question, answer, prediction, image=None) -> float:
         key = _cache_key(question, answer, prediction, image)
@@ -381,12 +417,16 @@ class Judge:
         items = [(tuple(it) + (None,))[:4] for it in items]
         if not items:
             return []
-        unique = list(dict.fromkeys(_cache_key(*it) for it in items))  # duplicates asked once
+        unique: dict = {}
+        for it in items:  # duplicates asked once
+            unique.setdefault(_cache_key(*it), it)
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(unique)))) as pool:
-            done = dict(zip(unique, pool.map(lambda it: self.score(*it), unique)))
+            done = dict(zip(unique, pool.map(lambda it: self.score(*it), unique.values())))
         return [done[_cache_key(*it)] for it in items]
 
 
 def _cache_key(question, answer, prediction, image=None):
-    # only URL images reach the judge (see Judge._ask), so only they can change a score
-    return (question, answer, prediction, image if isinstance(image, str) else None)
+    # the image changes the score: paths and URLs key by name, a PIL image by its pixels
+    if image is not None and not isinstance(image, (str, os.PathLike)):
+        image = (image.mode, image.size, hashlib.sha1(image.tobytes()).hexdigest())
+    return (question, answer, prediction, os.fspath(image) if isinstance(image, os.PathLike) else image)

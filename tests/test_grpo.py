@@ -1,5 +1,6 @@
 """GRPO objective and training loop."""
 import math
+import re
 
 import pytest
 import torch
@@ -227,16 +228,244 @@ def test_vhm_rl_conversion(tmp_path):
     src.write_text(json.dumps([
         {"id": 7, "image": "x.png", "conversations": [{"from": "human", "value": "<image>\n{VG} Find the ship."},
                                                        {"from": "gpt", "value": "[[10, 20, 30, 40]]"}]},
-        {"id": 8, "image": "y.png", "answer_type": "0",
+        {"id": 8, "image": "y.png", "answer_type": "1",
          "conversations": [{"from": "human", "value": "Is there a plane?\n<image>"}, {"from": "gpt", "value": "Yes"}]},
+        {"id": 9, "image": "z.png", "answer_type": 0,
+         "conversations": [{"from": "human", "value": "<image>Describe it."}, {"from": "gpt", "value": "A port."}]},
     ]))
-    assert G.convert_vhm_rl(str(src), str(tmp_path / "rl.jsonl")) == 2
+    assert G.convert_vhm_rl(str(src), str(tmp_path / "rl.jsonl"))["records"] == 3
+    assert [(r["image"], r["answer_type"]) for r in read_jsonl(tmp_path / "rl.jsonl")] == \
+           [("x.png", "box"), ("y.png", "closed"), ("z.png", "open")]   # paths as written (for --image-root)
     recs = G.load_rl_records([str(tmp_path / "rl.jsonl")])
     assert [(r["question"], r["answer"], r["answer_type"]) for r in recs] == [
-        ("{VG} Find the ship.", "[[10, 20, 30, 40]]", "box"), ("Is there a plane?", "Yes", "closed")]
+        ("{VG} Find the ship.", "[[10, 20, 30, 40]]", "box"), ("Is there a plane?", "Yes", "closed"),
+        ("Describe it.", "A port.", "open")]
 
 
 def test_step_prompts_cover_each_epoch_once():
     seen = [i for s in range(5) for i in G.step_prompts(10, s, 4, seed=1)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     assert G.step_prompts(10, 3, 4, seed=1) == G.step_prompts(10, 3, 4, seed=1)
+
+
+# -- the public GRPO layout (hub dataset aybora/VHM_dataset_grpo): prompt, image, solution -----------------------
+
+import base64  # noqa: E402
+import io  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+
+def _encoded(colour, size, fmt):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _b64(data):
+    return base64.b64encode(data).decode()
+
+
+TEXT = lambda t: {"type": "text", "text": t}  # noqa: E731
+IMAGE_PART = {"type": "image", "text": None}  # datasets fills the absent key with None
+# (colour, size, format) of each record's image, and what the conversion must make of the record
+PUBLIC_IMAGES = [((220, 30, 30), (40, 30), "PNG"), ((30, 30, 220), (64, 48), "JPEG"), ((30, 200, 30), (36, 36), "PNG"),
+                 ((240, 240, 240), (20, 50), "JPEG")]
+PUBLIC_WANT = [("open", "Describe the field.", "A red field.", "Think, then answer."),
+               ("closed", "Look. Is it blue?", "Yes", None),
+               ("box", "Where is the ship?", "[[10, 20, 300, 400]]", None),      # no prompt text: solution[2]
+               ("closed", "Is it white?", "yes", None)]                          # the last user message
+
+
+def public_rows(codes=("0", "1", "2", "1")):
+    imgs = [_encoded(*x) for x in PUBLIC_IMAGES]
+    prompts = [
+        [{"role": "system", "content": [TEXT("Think, then answer.")]},
+         {"role": "user", "content": [IMAGE_PART, TEXT("Describe the field.")]}],
+        [{"role": "user", "content": [TEXT("Look."), IMAGE_PART, TEXT("Is it blue?")]}],
+        [{"role": "user", "content": [IMAGE_PART]}],
+        [{"role": "user", "content": [TEXT("First question?")]}, {"role": "assistant", "content": [TEXT("Yes.")]},
+         {"role": "user", "content": [IMAGE_PART, TEXT("Is it white?")]}],
+    ]
+    answers = ["A red field.", "Yes", "[[10, 20, 300, 400]]", "yes"]
+    asked = ["Describe the field.", "Is it blue?", "Where is the ship?", "Is it white?"]
+    return [{"prompt": p, "image": im, "solution": [c, a, q, _b64(im)]}
+            for p, im, c, a, q in zip(prompts, imgs, codes, answers, asked)]
+
+
+def write_public(kind, folder, codes=("0", "1", "2", "1")):
+    """The four public rows in one container; returns the path to convert."""
+    os.makedirs(folder, exist_ok=True)
+    rows = public_rows(codes)
+    if kind == "jsonl":  # every JSON image form: base64, a data URL, {bytes, path}, a path next to the file
+        with open(os.path.join(folder, "imgs.jpg"), "wb") as f:
+            f.write(rows[3]["image"])
+        forms = [_b64(rows[0]["image"]), "data:image/jpeg;base64," + _b64(rows[1]["image"]),
+                 {"bytes": _b64(rows[2]["image"]), "path": "hub/2.png"}, "imgs.jpg"]
+        rows[1]["prompt"] = [{"role": "user", "content": "Look. <image>Is it blue?"}]  # content as a plain string
+        path = os.path.join(folder, "src.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({**r, "image": im}) + "\n" for r, im in zip(rows, forms))
+        return path
+    import datasets
+    datasets.disable_progress_bars()
+    v = datasets.Value("string")
+    features = datasets.Features({"prompt": [{"role": v, "content": [{"type": v, "text": v}]}],
+                                  "image": datasets.Image(), "solution": datasets.Sequence(v)})
+    images = [{"bytes": r["image"], "path": f"hub/{i}.img"} for i, r in enumerate(rows)]  # bytes win over path
+    ds = datasets.Dataset.from_dict({"prompt": [r["prompt"] for r in rows], "image": images,
+                                     "solution": [r["solution"] for r in rows]}, features=features)
+    path = os.path.join(folder, "src")
+    if kind == "dataset_dict":
+        datasets.DatasetDict({"train": ds}).save_to_disk(path)
+    elif kind == "dataset":
+        ds.save_to_disk(path)
+    elif kind == "parquet":
+        path += ".parquet"
+        ds.to_parquet(path)
+    else:  # a folder of parquet shards
+        os.makedirs(path)
+        ds.select(range(2)).to_parquet(os.path.join(path, "train-00000-of-00002.parquet"))
+        ds.select(range(2, 4)).to_parquet(os.path.join(path, "train-00001-of-00002.parquet"))
+    return path
+
+
+def _close(rgb, want, tol=12):
+    return all(abs(a - b) <= tol for a, b in zip(rgb, want))
+
+
+@pytest.mark.parametrize("kind", ["dataset_dict", "dataset", "parquet", "parquet_dir", "jsonl"])
+def test_public_layouts_convert(kind, tmp_path, capsys):
+    src = write_public(kind, tmp_path / "src")
+    out = tmp_path / "out"
+    G.main(["convert", src, str(out / "rl.jsonl")])
+    printed = capsys.readouterr().out
+    assert "wrote 4 records" in printed and "closed 2" in printed and "open 1" in printed and "box 1" in printed
+    assert "1 of 4 prompts carry their own system message" in printed and "--system-prompt" in printed
+    assert "warning" not in printed  # every box answer is readable
+    recs = G.load_rl_records([str(out / "rl.jsonl")])  # no --image-root: paths are relative to the file
+    assert [(r["answer_type"], r["question"], r["answer"], r["system"]) for r in recs] == PUBLIC_WANT
+    embedded = 3 if kind == "jsonl" else 4
+    for i, (r, (colour, size, fmt)) in enumerate(zip(recs, PUBLIC_IMAGES)):
+        img = D.load_image(r["image"])
+        assert img.size == size and _close(img.getpixel((size[0] // 2, size[1] // 2)), colour)
+        if i < embedded:  # written next to DST with its own bytes and an extension of its real format
+            want = out / "rl_images" / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            assert os.path.samefile(r["image"], want) and want.read_bytes() == _encoded(colour, size, fmt)
+        else:  # a path stays where it is, now relative to DST's folder
+            assert os.path.samefile(r["image"], tmp_path / "src" / "imgs.jpg")
+    assert sorted(os.listdir(out)) == ["rl.jsonl", "rl_images"]  # no temporary files left
+    assert len(os.listdir(out / "rl_images")) == embedded
+
+
+@pytest.mark.parametrize("kind, where", [("jsonl", r"src\.jsonl: record 1 \(line 2\)"),
+                                         ("dataset_dict", r"src \(split train\): row 1"),
+                                         ("parquet_dir", r"train-00000-of-00002\.parquet: row 1")])
+def test_unknown_answer_code_stops_conversion(kind, where, tmp_path):
+    src = write_public(kind, tmp_path / "src", codes=("0", "7", "2", "1"))
+    with pytest.raises(D.DataError, match=where + r": unknown answer type '7'; expected one of 0, 1, 2, open"):
+        G.convert_vhm_rl(src, str(tmp_path / "out" / "rl.jsonl"))
+    assert os.listdir(tmp_path / "out") == []  # nothing half-written: no JSONL, no images, no temporaries
+
+
+def test_image_from_solution_and_unreadable_boxes(tmp_path, capsys):
+    """Without an image column the public reward's own base64 copy (solution[3]) is used; a box answer that
+    parse_boxes cannot read is counted and warned about."""
+    data = _encoded((9, 99, 199), (30, 20), "PNG")
+    src = tmp_path / "src.jsonl"
+    src.write_text(json.dumps({"prompt": [{"role": "user", "content": "<image>Where?"}],
+                               "solution": ["2", "{<1><2><3><4>}", "Where?", _b64(data)]}) + "\n")
+    s = G.main(["convert", str(src), str(tmp_path / "rl.jsonl")])
+    assert s["unreadable_boxes"] == 1 and "warning: 1 box answers" in capsys.readouterr().out
+    assert (tmp_path / "rl_images" / "0.png").read_bytes() == data
+
+
+def test_unknown_answer_type_stops_loading(tmp_path):
+    p = tmp_path / "rl.jsonl"
+    p.write_text('{"image": "a.png", "question": "q?", "answer": "yes", "answer_type": "1"}\n'
+                 '{"image": "b.png", "question": "q?", "answer": "no", "answer_type": "7"}\n')
+    with pytest.raises(D.DataError, match=r"rl\.jsonl: record 1 \(line 2\): unknown answer type '7'"):
+        G.load_rl_records([str(p)])
+    p.write_text('{"image": "a.png", "question": "q?", "answer": "yes", "answer_type": 2}\n')
+    assert G.load_rl_records([str(p)])[0]["answer_type"] == "box"
+
+
+def test_convert_without_datasets_names_the_extra(tmp_path, monkeypatch):
+    src = write_public("dataset_dict", tmp_path / "src")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails, as when it is not installed
+    with pytest.raises(ImportError, match=re.escape('pip install -e ".[hub-data]"')):
+        G.convert_vhm_rl(src, str(tmp_path / "rl.jsonl"))
+
+
+def test_a_records_own_system_prompt_wins(tmp_path):
+    Image.new("RGB", (28, 28), (1, 2, 3)).save(tmp_path / "a.png")
+
+    class SpyProcessor:
+        systems = []
+
+        def apply_chat_template(self, messages, add_generation_prompt, system_prompt):
+            self.systems.append(system_prompt)
+            return "prompt"
+
+        def __call__(self, text, images, padding_side):
+            return {"texts": text, "images": images}
+
+    recs = [{"question": "q", "image": str(tmp_path / "a.png"), "system": "Own.", "where": "r0"},
+            {"question": "q", "image": str(tmp_path / "a.png"), "system": None, "where": "r1"}]
+    proc = SpyProcessor()
+    G.encode_prompts(proc, recs, "From --system-prompt.")
+    assert proc.systems == ["Own.", "From --system-prompt."]
+
+
+def test_score_sends_each_record_image_to_the_judge():
+    class SpyJudge:
+        items = []
+
+        def score_many(self, items):
+            self.items += items
+            return [0.5] * len(items)
+
+    recs = [{"answer": "A port.", "answer_type": "open", "question": "Describe.", "image": "/d/a.png"},
+            {"answer": "yes", "answer_type": "closed", "question": "Any?", "image": "/d/b.png"}]
+    judge = SpyJudge()
+    comps = ["<reasoning>r</reasoning><answer>A harbour.</answer>", "<answer>x</answer>", "<answer>yes</answer>",
+             "<answer>no</answer>"]
+    total, per, _ = G.score(recs, comps, 2, ["accuracy"], judge, "continuous", False)
+    assert [it[3] for it in judge.items] == ["/d/a.png", "/d/a.png"]
+    assert per["accuracy"] == [0.5, 0.5, 1.0, 0.0]
+
+
+def test_converted_public_data_trains_one_step(weak, tmp_path, monkeypatch):
+    """The weak fixture's records in the public layout (saved with datasets), converted, then one GRPO step."""
+    import datasets
+    datasets.disable_progress_bars()
+    src = read_jsonl(weak["data"])[:2]
+    codes = ["0", {"closed": "1", "box": "2"}[src[1]["answer_type"]]]
+    rows = []
+    for i, (r, code) in enumerate(zip(src, codes)):
+        prompt = [{"role": "user", "content": [IMAGE_PART, TEXT(r["question"])]}]
+        if i == 0:
+            prompt.insert(0, {"role": "system", "content": [TEXT(D.REASONING_SYSTEM_PROMPT)]})
+        with open(os.path.join(weak["images"], r["image"]), "rb") as f:
+            img = f.read()
+        rows.append({"prompt": prompt, "image": {"bytes": img, "path": None},
+                     "solution": [code, r["answer"], r["question"], _b64(img)]})
+    v = datasets.Value("string")
+    features = datasets.Features({"prompt": [{"role": v, "content": [{"type": v, "text": v}]}],
+                                  "image": datasets.Image(), "solution": datasets.Sequence(v)})
+    ds = datasets.Dataset.from_list(rows, features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "vhm"))
+    dst = tmp_path / "conv" / "rl.jsonl"
+    G.main(["convert", str(tmp_path / "vhm"), str(dst)])
+    seen = []
+    real = G.encode_prompts
+    monkeypatch.setattr(G, "encode_prompts", lambda proc, recs, sp: seen.extend(r["system"] for r in recs) or
+                        real(proc, recs, sp))
+    out = tmp_path / "run"
+    G.main(["--model", weak["model"], "--data", str(dst), "--out", str(out), "--max-steps", "1",
+            "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-len", "16", "--beta", "0",
+            "--log-completions", *PIXELS])
+    assert [s["step"] for s in read_jsonl(out / "metrics.jsonl")] == [1]
+    assert sorted(c["id"] for c in read_jsonl(out / "completions.jsonl")) == [0, 0, 1, 1]
+    assert sorted(seen, key=str) == [D.REASONING_SYSTEM_PROMPT, None]
+    assert os.path.isfile(out / "final" / "config.json")

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import logging
 import random
+import re
 import sys
 import threading
 import time
@@ -145,10 +146,47 @@ QUESTION = "What is the main land cover?\nA. forest\nB. desert\nC. farmland\nAns
     ("inline", "C", "Pick one: A. forest B. desert C. inline", 1.0),
 ])
 def test_closed_accuracy(pred, answer, question, want):
-    for answer_type in ("closed", "0", 0):
+    for answer_type in ("closed", "1", 1):
         for mode in R.MODES:
             got = R.accuracy_reward(GOOD.format(pred), answer, answer_type, question=question, mode=mode)
             assert got == want
+
+
+def test_public_closed_rule_counts_too():
+    # "The" normalises to nothing for closed_match; the public rule (strip, lower, drop '.') still matches it
+    assert R.closed_match("The", "the.") == 0.0
+    assert R.accuracy_reward(GOOD.format("The"), "the.", "1") == 1.0
+    assert R.public_closed_match(" Yes. ", "yes") == 1.0
+    assert R.public_closed_match("", ".") == 0.0 and R.public_closed_match("no", "yes") == 0.0
+
+
+# --- the public answer codes (TinyRS grpo.py: 0 open, 1 closed, 2 box) ---------------------------
+
+def test_public_codes():
+    assert R.accuracy_reward(GOOD.format("Yes."), "yes", "1") == 1.0
+    assert R.accuracy_reward(GOOD.format("Yes."), "yes", 1) == 1.0
+    assert R.accuracy_reward(GOOD.format("[[0, 0, 95, 100]]"), "[[0, 0, 100, 100]]", "2") == pytest.approx(0.95)
+    assert R.accuracy_reward(GOOD.format("[[0, 0, 95, 100]]"), "[[0, 0, 100, 100]]", 2) == pytest.approx(0.95)
+    judge = FixedJudge(0.3)
+    assert R.accuracy_reward(GOOD.format("A wide river."), "A river", "0", question="Q?", image="x.png",
+                             judge=judge) == 0.3
+    assert judge.calls == [("Q?", "A river", "A wide river.")] and judge.images == ["x.png"]
+    assert R.accuracy_reward(GOOD.format("A wide river."), "A river", 0, judge=judge) == 0.3
+    assert [R.answer_kind(t) for t in ("0", "1", "2", 0, 1, 2, "open", "CLOSED", " box ")] == \
+           ["open", "closed", "box", "open", "closed", "box", "open", "closed", "box"]
+
+
+@pytest.mark.parametrize("bad", ["7", 3, "grounding", "", None, True, "0.0"])
+def test_unknown_answer_type_raises(bad):
+    want = r"unknown answer type " + re.escape(repr(bad)) + r".*0, 1, 2, open, closed, box"
+    with pytest.raises(ValueError, match=want):
+        R.answer_kind(bad)
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        R.accuracy_reward(GOOD.format("yes"), "yes", bad)
+    judge = FixedJudge(1.0)
+    with pytest.raises(ValueError):  # before anything is scored or sent to the judge
+        R.compute_rewards([GOOD.format("x"), GOOD.format("y")], ["x", "y"], ["0", bad], judge=judge)
+    assert judge.calls == []
 
 
 # --- box and open accuracy, modes ----------------------------------------------------------
@@ -156,8 +194,8 @@ def test_closed_accuracy(pred, answer, question, want):
 def test_box_accuracy_uses_ground_truth_from_answer():
     gt = "[[100, 100, 200, 200]]"
     assert R.accuracy_reward(GOOD.format("[[100, 100, 200, 200]]"), gt, "box") == 1.0
-    assert R.accuracy_reward(GOOD.format("<|box_start|>(100,100),(200,200)<|box_end|>"), gt, "1") == 1.0
-    off = R.accuracy_reward(GOOD.format("[[150, 100, 250, 200]]"), gt, 1)
+    assert R.accuracy_reward(GOOD.format("<|box_start|>(100,100),(200,200)<|box_end|>"), gt, "2") == 1.0
+    off = R.accuracy_reward(GOOD.format("[[150, 100, 250, 200]]"), gt, 2)
     assert off == pytest.approx(1 / 3)
     # the public code read the ground truth from the completion, so any box scored 1
     assert R.accuracy_reward(GOOD.format("[[600, 600, 700, 700]]"), gt, "box") == 0.0
@@ -194,10 +232,11 @@ def test_modes_on_box_iou():
 
 class FixedJudge:
     def __init__(self, value):
-        self.value, self.calls = value, []
+        self.value, self.calls, self.images = value, [], []
 
     def score(self, question, answer, prediction, image=None):
         self.calls.append((question, answer, prediction))
+        self.images.append(image)
         return self.value
 
     def score_many(self, items):
@@ -206,7 +245,7 @@ class FixedJudge:
 
 def test_open_accuracy_with_and_without_judge():
     judge = FixedJudge(0.55)
-    got = R.accuracy_reward(GOOD.format("Two ships"), "2 ships", "2", question="Q?", judge=judge)
+    got = R.accuracy_reward(GOOD.format("Two ships"), "2 ships", "0", question="Q?", judge=judge)
     assert got == 0.55 and judge.calls == [("Q?", "2 ships", "Two ships")]
     assert R.accuracy_reward(GOOD.format("x"), "y", "open", judge=judge, mode="quantized") == pytest.approx(0.5)
     assert R.accuracy_reward(GOOD.format("x"), "y", "open", judge=judge, mode="binary") == 0.0
@@ -222,12 +261,12 @@ def test_compute_rewards_batches_open_answers():
     completions = [GOOD.format("desert"), "[[0,0,10,10]]", GOOD.format("a port"), GOOD.format(""),
                    GOOD.format("[[0,0,10,10]]")]
     answers = ["desert", "[[0,0,10,10]]", "harbour", "harbour", "[[20,0,30,10]]"]
-    types = ["0", "1", "2", "2", "box"]
+    types = ["1", "2", "0", "0", "box"]
     out = R.compute_rewards(completions, answers, types, ["q"] * 5, names=("format", "accuracy", "positional"),
-                            judge=judge)
+                            judge=judge, images=["a.png", "b.png", "c.png", "d.png", "e.png"])
     assert out["format"] == [1.0, 0.0, 1.0, 1.0, 1.0]
     assert out["accuracy"] == [1.0, 1.0, 0.8, 0.0, 0.0]
-    assert len(judge.calls) == 1
+    assert len(judge.calls) == 1 and judge.images == ["c.png"]   # the open answer went with its own image
     assert out["positional"][:4] == [0.0, 1.0, 0.0, 0.0] and 0.0 < out["positional"][4] < 1.0
     with pytest.raises(ValueError):
         R.compute_rewards(completions, answers, types, names=("nope",))
@@ -269,7 +308,7 @@ def _random_string(rng):
 def test_fuzz_never_raises():
     rng = random.Random(1234)
     strings = [_random_string(rng) for _ in range(10_000)]
-    types = ["open", "closed", "box", "0", "1", "2", 0, 1, 2, "weird"]
+    types = ["open", "closed", "box", "0", "1", "2", 0, 1, 2, " Open "]
     gt_box = [100.0, 100.0, 300.0, 300.0]
     assert sum(bool(R.parse_boxes(s)) for s in strings) > 2000      # the fuzz reaches the parsers
     assert sum(R.format_reward(s) for s in strings) > 1000
@@ -433,3 +472,81 @@ def test_judge_never_leaks_key(server, judge, caplog, capsys):
     for text in (caplog.text, captured.out, captured.err, repr(judge), str(judge),
                  json.dumps(dataclasses.asdict(judge))):
         assert FAKE_KEY not in text
+
+
+# --- the judge sees the image ----------------------------------------------------------------
+
+def _sent_image(request):
+    """The decoded image of the one image_url part of a recorded judge request."""
+    import base64
+    import io
+
+    from PIL import Image
+    parts = [p for p in request["messages"][-1]["content"] if p.get("type") == "image_url"]
+    assert len(parts) == 1
+    url = parts[0]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
+
+
+def _close(rgb, want, tol=10):
+    return all(abs(a - b) <= tol for a, b in zip(rgb, want))
+
+
+def test_judge_sends_local_image_once_per_path(server, judge, tmp_path, monkeypatch):
+    import data
+    from PIL import Image
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.new("RGB", (1200, 600), (200, 30, 40)).save(big)
+    Image.new("RGB", (50, 40), (20, 160, 90)).save(small)
+    conversions = []
+    real = data.image_data_url
+    monkeypatch.setattr(data, "image_data_url", lambda img, max_side=768: conversions.append(img) or
+                        real(img, max_side))
+    items = [("q", "a", f"p{i}", str(big)) for i in range(4)] + [("q", "a", "p0", small)]
+    assert judge.score_many(items) == [pytest.approx(0.8)] * 5
+    assert len(server.requests) == 5 and judge.failures == 0
+    assert sorted(map(str, conversions)) == [str(big), str(small)]     # each path encoded once
+    sizes = {}
+    for req in server.requests:
+        img = _sent_image(req)
+        sizes[img.size] = img.getpixel((img.width // 2, img.height // 2))
+    assert set(sizes) == {(768, 384), (50, 40)}                       # longest side bounded, aspect kept
+    assert _close(sizes[(768, 384)], (200, 30, 40)) and _close(sizes[(50, 40)], (20, 160, 90))
+
+
+def test_judge_image_forms(server, monkeypatch):
+    from PIL import Image
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    j = R.Judge(base_url=server.url, timeout=0.5, max_retries=0, image_max_side=100)
+    assert j.score("q", "a", "p", Image.new("RGB", (300, 200), (10, 20, 230))) == pytest.approx(0.8)
+    img = _sent_image(server.requests[-1])
+    assert img.size == (100, 67) and _close(img.getpixel((50, 33)), (10, 20, 230))
+    # a different PIL image with the same texts is a different question, not a cache hit
+    assert j.score("q", "a", "p", Image.new("RGB", (300, 200), (240, 240, 0))) == pytest.approx(0.8)
+    assert len(server.requests) == 2 and _close(_sent_image(server.requests[-1]).getpixel((5, 5)), (240, 240, 0))
+    for url in ("https://example.com/a.jpg", "data:image/png;base64,AAAA"):
+        j.score("q", "a", url, url)
+        assert server.requests[-1]["messages"][-1]["content"][1] == {"type": "image_url", "image_url": {"url": url}}
+    j.score("q", "a", "p", None)
+    assert [p["type"] for p in server.requests[-1]["messages"][-1]["content"]] == ["text"]
+    n = len(server.requests)
+    assert j.score("q", "a", "p", "/no/such/image.png") == 0.0      # unreadable image: a failure, nothing sent
+    assert j.failures == 1 and len(server.requests) == n
+
+
+def test_judge_image_cache_is_bounded(server, tmp_path, monkeypatch):
+    import data
+    from PIL import Image
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    j = R.Judge(base_url=server.url, timeout=0.5, max_retries=0, image_cache=1)
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for p in paths:
+        Image.new("RGB", (8, 8)).save(p)
+    conversions = []
+    real = data.image_data_url
+    monkeypatch.setattr(data, "image_data_url", lambda img, max_side=768: conversions.append(img) or
+                        real(img, max_side))
+    for i, p in enumerate([paths[0], paths[0], paths[1], paths[0]]):
+        j.score("q", "a", f"p{i}", p)
+    assert conversions == [paths[0], paths[1], paths[0]] and len(j._urls) == 1
