@@ -435,8 +435,9 @@ def test_score_sends_each_record_image_to_the_judge():
     assert per["accuracy"] == [0.5, 0.5, 1.0, 0.0]
 
 
-def test_converted_public_data_trains_one_step(weak, tmp_path, monkeypatch):
-    """The weak fixture's records in the public layout (saved with datasets), converted, then one GRPO step."""
+@pytest.mark.parametrize("container", ["dataset_dict", "parquet", "jsonl"])
+def test_converted_public_data_trains_one_step(weak, tmp_path, monkeypatch, container):
+    """The weak fixture's records in the public layout, in each container, converted, then one GRPO step."""
     import datasets
     datasets.disable_progress_bars()
     src = read_jsonl(weak["data"])[:2]
@@ -454,9 +455,16 @@ def test_converted_public_data_trains_one_step(weak, tmp_path, monkeypatch):
     features = datasets.Features({"prompt": [{"role": v, "content": [{"type": v, "text": v}]}],
                                   "image": datasets.Image(), "solution": datasets.Sequence(v)})
     ds = datasets.Dataset.from_list(rows, features=features)
-    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "vhm"))
+    source = tmp_path / {"dataset_dict": "vhm", "parquet": "vhm.parquet", "jsonl": "vhm.jsonl"}[container]
+    if container == "dataset_dict":
+        datasets.DatasetDict({"train": ds}).save_to_disk(str(source))
+    elif container == "parquet":
+        ds.to_parquet(str(source))
+    else:
+        with open(source, "w") as f:
+            f.writelines(json.dumps({**r, "image": _b64(r["image"]["bytes"])}) + "\n" for r in rows)
     dst = tmp_path / "conv" / "rl.jsonl"
-    G.main(["convert", str(tmp_path / "vhm"), str(dst)])
+    G.main(["convert", str(source), str(dst)])
     seen = []
     real = G.encode_prompts
     monkeypatch.setattr(G, "encode_prompts", lambda proc, recs, sp: seen.extend(r["system"] for r in recs) or
