@@ -312,18 +312,21 @@ class VisionTower(nn.Module):
 # Decoder
 
 
-@dataclass
 class KVCache:
     """Prompt keys/values stored once per prompt; generated ones per sample.
 
     With `group` samples per prompt, the prompt part is [B, kv_heads, P, hd] and is read by all of the prompt's
-    samples, so G completions cost no copy of the prompt (image tokens included)."""
-    prefix: list  # per layer (k, v) [B, KVH, P, hd]
-    prefix_valid: torch.Tensor  # [B, P] bool, False on padding
-    k: torch.Tensor  # [L, B, KVH, G, N, hd]
-    v: torch.Tensor
-    group: int = 1
-    n: int = 0  # generated positions written so far
+    samples, so G completions cost no copy of the prompt (image tokens included).
+
+    A plain class on purpose, not a dataclass: wrappers that rebuild a layer's inputs (FSDP's input cast copies
+    dataclasses and lists) pass it through untouched, so what the prefill stores is what decoding reads."""
+
+    def __init__(self, prefix: list, prefix_valid, k: torch.Tensor, v: torch.Tensor, group: int = 1):
+        self.prefix = prefix  # per layer (k, v) [B, KVH, P, hd]
+        self.prefix_valid = prefix_valid  # [B, P] bool, False on padding
+        self.k, self.v = k, v  # [L, B, KVH, G, N, hd]
+        self.group = group
+        self.n = 0  # generated positions written so far
 
 
 class Attention(nn.Module):
@@ -517,12 +520,15 @@ class Qwen2VL(nn.Module):
         self.visual.grad_ckpt = on
 
     # -- embedding of text and images ------------------------------------------------------------------------
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_groups=1):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_groups=1, sync_vision=False):
         """Token embeddings with each image's merged features at its <|image_pad|> tokens.
 
         image_groups=G: rows come in groups of G that share their images (G completions of one prompt);
         image_grid_thw lists every row's images, pixel_values only the first row's of each group, and the
-        vision tower encodes each group's images once."""
+        vision tower encodes each group's images once.
+        sync_vision: without images, run the vision tower anyway, on a blank image of one merged token whose
+        features are added with weight 0. Under FSDP every rank must run (and back-propagate through) the same
+        units: a text-only batch on one rank while another has images would otherwise stall the collectives."""
         c = self.config
         x = self.model.embed_tokens(input_ids)
         is_img = input_ids == c.image_token_id
@@ -530,6 +536,11 @@ class Qwen2VL(nn.Module):
         if pixel_values is None:
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+            if sync_vision:
+                v, m = c.vision, c.vision.spatial_merge_size
+                blank = torch.zeros(m * m, v.in_chans * v.temporal_patch_size * v.patch_size ** 2, device=self.device)
+                feats = self.visual(blank, torch.tensor([[1, m, m]]))
+                x = x + 0.0 * feats.sum().to(x.dtype)  # same values, a zero gradient through every vision unit
             return x
         if image_grid_thw is None:
             raise ValueError("pixel_values given without image_grid_thw")
@@ -568,14 +579,15 @@ class Qwen2VL(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                return_hidden=False, targets=None, chunk_size=1024, image_groups=1):
+                return_hidden=False, targets=None, chunk_size=1024, image_groups=1, sync_vision=False):
         """Logits [B, T, V]; or the final hidden states [B, T, D] with return_hidden=True; or, given `targets`
         [B, T] (the token wanted at each position, -100 where none), the log-probabilities [B, T] of those
         tokens (0 where -100), computed in chunks so that [tokens x vocab] logits never exist for the batch.
 
         attention_mask: [B, T], 0 on padding; values > 1 mark packed samples (tokens attend within their id).
-        image_groups: see `embed` (G rows sharing one prompt's images run the vision tower once)."""
-        x = self.embed(input_ids, pixel_values, image_grid_thw, image_groups)
+        image_groups, sync_vision: see `embed` (G rows sharing one prompt's images run the vision tower once;
+        the tower runs even without images)."""
+        x = self.embed(input_ids, pixel_values, image_grid_thw, image_groups, sync_vision)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
@@ -675,7 +687,9 @@ class Qwen2VL(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Qwen2VL":
-        """A local folder or a hub id (downloaded with huggingface_hub only when `path` is not a folder)."""
+        """A local folder or a hub id (downloaded with huggingface_hub only when `path` is not a folder).
+        device="meta": the model's structure, configuration and generation settings only; no weight is read
+        (ranks that receive their FSDP shards from rank 0 start from it)."""
         folder = resolve_checkpoint(path)
         cfg_path = os.path.join(folder, "config.json")
         if not os.path.exists(cfg_path):
@@ -687,7 +701,8 @@ class Qwen2VL(nn.Module):
         model = model.to(dtype).to_empty(device=device)  # storage in the target dtype, uninitialised
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        load_weights(model, folder)
+        if torch.device(device).type != "meta":
+            load_weights(model, folder)
         model.source_dir = folder
         gen_path = os.path.join(folder, "generation_config.json")
         if os.path.exists(gen_path):
@@ -765,14 +780,17 @@ def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, wan
 # Checkpoint files
 
 
-def resolve_checkpoint(path) -> str:
+def resolve_checkpoint(path, local_files_only: bool = False) -> str:
+    """The local folder of a checkpoint: `path` itself, or a hub id's snapshot (downloaded unless
+    local_files_only, which reads only what an earlier download left in the cache)."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path):
         raise ValueError(f"{path} is a file; give the checkpoint folder (with config.json) or a hub id")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"],
+                                 local_files_only=local_files_only)
     except Exception as e:  # offline, unknown repo, ...: say what was tried
         raise FileNotFoundError(f"{path!r} is not a local folder and could not be fetched from the hub: {e}") from e
 
@@ -860,6 +878,19 @@ def iter_safetensors(path, wanted=None, header=None):
                 raise ValueError(f"{path}: tensor {name}: the file ended early; was it rewritten while loading?")
             t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             yield name, t.view(meta["shape"])
+
+
+def checkpoint_dtype(folder) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights are stored in (by bytes), read from the file headers."""
+    total = {}
+    for path in checkpoint_files(folder):
+        for meta in read_safetensors_header(path)[0].values():
+            dtype = _ST_DTYPES.get(meta["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                total[dtype] = total.get(dtype, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
+    if not total:
+        raise ValueError(f"{folder}: no floating-point weights")
+    return max(total, key=total.get)
 
 
 def checkpoint_files(folder):

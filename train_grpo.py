@@ -352,17 +352,18 @@ def encode_prompts(proc, records, system_prompt):
 
 
 def rollout(model, batch, group, max_len, temperature, seeds, eos, device):
-    """G completions per prompt from one batched generate (each prompt and image encoded once)."""
+    """G completions per prompt from one batched generate (each prompt and image encoded once), on the gathered
+    weights in their compute dtype (bf16 under the bf16 policy): the same tokens the plain model would give."""
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     pv = batch["pixel_values"]
     model.eval()
     with gathered(model):
-        tokens, logp = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      pv.to(device) if pv is not None else None, batch["image_grid_thw"],
-                                      max_new_tokens=max_len, temperature=temperature, num_samples=group,
-                                      eos_token_ids=eos, generator=gens, return_logprobs=True)
+        tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                pv.to(device) if pv is not None else None, batch["image_grid_thw"],
+                                max_new_tokens=max_len, temperature=temperature, num_samples=group,
+                                eos_token_ids=eos, generator=gens)
     model.train()
-    return tokens, logp
+    return tokens
 
 
 def completion_logprobs(model, batch, tokens, cmask, group, chunk, device):
@@ -403,6 +404,8 @@ def score(records, completions, group, names, judge, mode, spatial):
 def train(args, d: S.Dist):
     log = print if d.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    S.check_out_shared(args.out, d)
+    args.model = S.resolve_model(args.model, d)
     proc = D.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     records = load_rl_records(args.data, args.image_root)
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
@@ -417,16 +420,15 @@ def train(args, d: S.Dist):
     if args.prompts_per_step % d.world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {d.world} ranks")
     warmup = math.ceil(args.warmup_ratio * total)
-    resume = S.latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+    resume = S.resume_point(args.resume, args.out, d)
 
-    model = M.Qwen2VL.from_pretrained(resume or args.model, dtype=torch.float32, device="cpu")
-    S.freeze(model, args.freeze_vision, False, False)
-    model.set_grad_checkpointing(args.grad_ckpt)
-    S.shard_model(model, d)
+    def prepare(m):
+        S.freeze(m, args.freeze_vision, False, False)
+        m.set_grad_checkpointing(args.grad_ckpt)
+    model = S.load_sharded(resume or args.model, d, args.bf16, prepare)
     ref = None
     if args.beta != 0:  # frozen reference: the starting model, sharded like the policy, never updated
-        ref = M.Qwen2VL.from_pretrained(args.model, dtype=torch.float32, device="cpu").requires_grad_(False)
-        S.shard_model(ref, d)
+        ref = S.load_sharded(args.model, d, args.bf16, lambda m: m.requires_grad_(False))
         ref.eval()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -451,7 +453,7 @@ def train(args, d: S.Dist):
         mine = idx[d.rank * per_rank:(d.rank + 1) * per_rank]  # a prompt's G completions stay on this rank
         recs = [records[i] for i in mine]
         batch = encode_prompts(proc, recs, args.system_prompt)
-        tokens, old_logp = rollout(model, batch, G, args.max_completion_len, args.temperature,
+        tokens = rollout(model, batch, G, args.max_completion_len, args.temperature,
                                    [sample_seed(args.seed, step, i) for i in mine], eos, d.device)
         cmask, truncated = completion_mask(tokens, eos)
         t1 = time.perf_counter()
@@ -464,21 +466,22 @@ def train(args, d: S.Dist):
         sizes = torch.tensor([len(recs) * G, n_tok_local], dtype=torch.float64, device=d.device)
         dist.all_reduce(sizes)
         n_total = float(sizes[1]) if args.token_mean else float(sizes[0])
-        ref_lp = []
-        if ref is not None:
-            with torch.no_grad():
-                for b0 in range(0, len(recs), args.micro_prompts):
-                    sl = slice(b0 * G, (b0 + args.micro_prompts) * G)
-                    ref_lp.append(completion_logprobs(ref, sub_batch(batch, b0, args.micro_prompts), tokens[sl],
-                                                      cmask[sl], G, args.ce_chunk, d.device))
+        micro = [(sub_batch(batch, b0, args.micro_prompts), slice(b0 * G, (b0 + args.micro_prompts) * G))
+                 for b0 in range(0, len(recs), args.micro_prompts)]
+        ref_lp, old_lp = [], []
+        with torch.no_grad():
+            for mb, sl in micro:
+                if ref is not None:
+                    ref_lp.append(completion_logprobs(ref, mb, tokens[sl], cmask[sl], G, args.ce_chunk, d.device))
+                if args.iterations > 1:  # the ratio's denominator: the very forward of the update, before it
+                    old_lp.append(completion_logprobs(model, mb, tokens[sl], cmask[sl], G, args.ce_chunk,
+                                                      d.device))
         stats_acc = {"kl": 0.0, "clip_frac": 0.0, "loss": 0.0}
         grad_norm = 0.0
         for it in range(args.iterations):
-            for j, b0 in enumerate(range(0, len(recs), args.micro_prompts)):
-                sl = slice(b0 * G, (b0 + args.micro_prompts) * G)
-                lp = completion_logprobs(model, sub_batch(batch, b0, args.micro_prompts), tokens[sl], cmask[sl], G,
-                                         args.ce_chunk, d.device)
-                old = lp.detach() if args.iterations == 1 else old_logp[sl]  # mu = 1: rho = 1 exactly
+            for j, (mb, sl) in enumerate(micro):
+                lp = completion_logprobs(model, mb, tokens[sl], cmask[sl], G, args.ce_chunk, d.device)
+                old = lp.detach() if args.iterations == 1 else old_lp[j]  # mu = 1: rho = 1 exactly
                 loss, st = grpo_loss(lp, old, ref_lp[j] if ref_lp else None, adv[sl], cmask[sl], args.beta,
                                      args.epsilon, args.token_mean, n_total / d.world)
                 loss.backward()  # FSDP averages over ranks; n_total / world makes that the global mean
@@ -515,13 +518,7 @@ def train(args, d: S.Dist):
                                                    {"total_steps": total, "seed": args.seed, "args": vars(args)},
                                                    d, args.keep)
     bar.close()
-    sd = S.full_state_dict(model)
-    final = os.path.join(args.out, "final")
-    if d.main:
-        M.save_checkpoint(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos)
-        log(f"saved {final}")
-    dist.barrier()
-    return final
+    return S.save_final(model, args.out, d, args.save_dtype, args.model)
 
 
 def sub_batch(batch, start, n):
@@ -610,6 +607,7 @@ def parse_args(argv=None):
     a("--keep", type=int, default=None)
     a("--resume", nargs="?", const="latest", default=None)
     a("--device", default=None)
+    S.add_precision_args(ap)
     return ap.parse_args(argv)
 
 

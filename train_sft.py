@@ -7,9 +7,9 @@
 The loss is the mean cross-entropy over every label token of the global batch (all micro-batches, all ranks),
 computed at label positions only, in checkpointed chunks (model.forward(targets=...)).
 
-train_grpo.py reuses: setup_distributed, teardown_distributed, shard_model, freeze, param_groups, lr_factor,
-set_lr, clip_grad_norm, full_state_dict, save_training_checkpoint, latest_checkpoint, load_training_checkpoint,
-MetricsLogger, peak_memory_gb.
+train_grpo.py reuses: setup_distributed, teardown_distributed, check_out_shared, resolve_model, load_sharded,
+shard_model, freeze, param_groups, lr_factor, set_lr, clip_grad_norm, full_state_dict, save_final, 
+save_training_checkpoint, resume_point, load_training_checkpoint, MetricsLogger, peak_memory_gb.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -88,14 +89,81 @@ def teardown_distributed(ok: bool = True):
         dist.destroy_process_group()
 
 
+def check_out_shared(out: str, d: Dist):
+    """Every rank must see what rank 0 writes in OUT: a checkpoint holds files from every rank, and --resume reads
+    it on every rank. A multi-node run whose OUT is not one shared file system would fail late, or hang in a
+    collective that only some ranks enter; this stops every rank at start instead, saying so."""
+    probe = os.path.join(out, f".shared-check-{os.getpid()}") if d.main else None
+    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}" if d.main else None
+    if d.main:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write(token)
+    box = [probe, token]
+    dist.broadcast_object_list(box, src=0)
+    try:
+        with open(box[0]) as f:
+            seen = f.read() == box[1]
+    except OSError:
+        seen = False
+    views = [None] * d.world
+    dist.all_gather_object(views, (seen, socket.gethostname()))
+    if d.main:
+        os.remove(probe)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        raise SystemExit(f"--out {out}: {', '.join(blind)} cannot see the files rank 0 writes there. A run on "
+                         f"several nodes needs OUT on a file system that every node mounts at the same path (NFS, "
+                         f"Lustre, ...): point --out there.")
+
+
+def resolve_model(path: str, d: Dist) -> str:
+    """A local checkpoint folder for a folder or hub id. A hub id is downloaded once per node, by its local rank 0;
+    the other ranks then read that copy from the cache. A failed download stops every rank (no one is left
+    waiting)."""
+    if os.path.isdir(path):
+        return path
+    err = None
+    if d.local_rank == 0:
+        try:
+            M.resolve_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - reported on every rank below
+            err = str(e)
+    errs = [None] * d.world
+    dist.all_gather_object(errs, err)
+    if any(errs):
+        raise SystemExit(next(e for e in errs if e))
+    return M.resolve_checkpoint(path, local_files_only=True)
+
+
+def load_sharded(folder: str, d: Dist, bf16: bool, prepare=None) -> M.Qwen2VL:
+    """The checkpoint in `folder` as an FSDP-sharded model, holding at most one full copy of the weights in host
+    memory per node: every rank builds the model on the meta device and shards it; rank 0 alone reads the
+    weights, and each rank receives its shards by broadcast. `prepare(model)` runs before sharding (freezing,
+    activation checkpointing)."""
+    model = M.Qwen2VL.from_pretrained(folder, torch.float32, "meta")
+    if prepare is not None:
+        prepare(model)
+    full = M.Qwen2VL.from_pretrained(folder, torch.float32, "cpu").state_dict() if d.main else {}
+    shard_model(model, d, bf16)
+    model.to_empty(device=d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
+        raise RuntimeError("the tied lm_head lost its tie while sharding")
+    return model
+
+
 def shard_model(model: M.Qwen2VL, d: Dist, bf16: bool | None = None) -> M.Qwen2VL:
     """FSDP2: every vision block and decoder layer is its own unit (gathered just before use, freed after), the
     root holds the rest (embeddings, lm_head, norms, patch embedding, merger). bf16 compute with fp32 master
     weights and gradient reductions on GPU by default; plain fp32 on CPU."""
     bf16 = d.device.type == "cuda" if bf16 is None else bf16
     mesh = init_device_mesh(d.device.type, (d.world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    # cast_forward_inputs=False: the model sets every dtype itself, exactly as the plain bf16 model does (FSDP's
+    # cast would round the vision tower's fp32 rotary tables to bf16, and rebuild every layer's inputs).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if bf16 else MixedPrecisionPolicy()
     for unit in [*model.visual.blocks, *model.model.layers]:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -151,6 +219,25 @@ def clip_grad_norm(params, max_norm: float) -> float:
 def full_state_dict(model) -> dict:
     """The whole model's tensors on CPU on rank 0 (an empty dict on other ranks). Every rank must call it."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_final(model, out_dir: str, d: Dist, save_dtype: str | None, start_folder: str, extra_files=None) -> str:
+    """OUT/final: the trained model in the HF layout, in `save_dtype` (default: the dtype the starting checkpoint
+    was stored in, so a bf16 original comes back bf16, half the size of the fp32 master weights). Collective."""
+    sd = full_state_dict(model)
+    final = os.path.join(out_dir, "final")
+    if d.main:
+        dtype = SAVE_DTYPES[save_dtype] if save_dtype else M.checkpoint_dtype(start_folder)
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        M.save_checkpoint(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos,
+                          extra_files=extra_files)
+        print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
+    del sd
+    dist.barrier()
+    return final
 
 
 def _rng_state() -> dict:
@@ -221,6 +308,14 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def resume_point(resume: str | None, out_dir: str, d: Dist) -> str | None:
+    """The checkpoint to resume from (--resume: "latest" or a path), decided by rank 0 for every rank, so that all
+    ranks enter the collective loads together."""
+    box = [latest_checkpoint(out_dir) if resume == "latest" else resume]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def load_training_checkpoint(path: str, model, optimizer, d: Dist) -> dict:
     """Restore optimizer (rank 0 reads, then it is sharded to all) and this rank's RNG; returns the trainer
     state. The model weights come from the same folder through Qwen2VL.from_pretrained, before sharding."""
@@ -284,12 +379,12 @@ def step_flops(batch, n_llm: int, n_vision: int, cfg: M.Qwen2VLConfig) -> float:
     return 6.0 * (n_llm * tokens + n_vision * patches) + attn
 
 
-def forward_logprobs(model, batch, targets, chunk):
+def forward_logprobs(model, batch, targets, chunk, sync_vision=False):
     """log p(target) at every position (0 where there is none): the only model call of the loop."""
     dev = targets.device
     on = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return model(on["input_ids"], on["attention_mask"], on["pixel_values"], on["image_grid_thw"],
-                 position_ids=on["position_ids"], targets=targets, chunk_size=chunk)
+                 position_ids=on["position_ids"], targets=targets, chunk_size=chunk, sync_vision=sync_vision)
 
 
 def accumulate_gradients(model, micro, d: Dist, chunk: int) -> tuple[float, float]:
@@ -301,9 +396,12 @@ def accumulate_gradients(model, micro, d: Dist, chunk: int) -> tuple[float, floa
     n = torch.tensor(float(sum(int((t != D.IGNORE_INDEX).sum()) for t in targets)), device=d.device)
     dist.all_reduce(n)
     n = n.clamp(min=1.0)  # a batch of blanked samples only (--skip-bad) has no label: its gradient is zero
+    # A micro-batch runs the vision tower on every rank if it has images on any (text-only samples exist).
+    images = torch.tensor([float(b["pixel_values"] is not None) for b in micro], device=d.device)
+    dist.all_reduce(images, op=dist.ReduceOp.MAX)
     loss_sum = torch.zeros((), device=d.device)
-    for b, tgt in zip(micro, targets):
-        logp = forward_logprobs(model, b, tgt, chunk)
+    for b, tgt, any_images in zip(micro, targets, images.tolist()):
+        logp = forward_logprobs(model, b, tgt, chunk, sync_vision=any_images > 0)
         (-logp.sum() * (d.world / n)).backward()  # * world: FSDP averages the ranks' gradients
         loss_sum += -logp.detach().sum()
     return float(loss_sum), float(n)
@@ -312,6 +410,8 @@ def accumulate_gradients(model, micro, d: Dist, chunk: int) -> tuple[float, floa
 def train(args, d: Dist):
     log = print if d.main else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    check_out_shared(args.out, d)
+    args.model = resolve_model(args.model, d)
     proc = D.Processor.from_pretrained(args.model, args.min_pixels, args.max_pixels)
     ds = D.ConversationDataset(args.data, proc, args.image_root, args.max_len, args.system_prompt, args.skip_bad)
     log(f"data: {len(ds)} samples; {ds.stats}" + (f"; first skipped: {ds.bad_examples[0]}" if ds.bad_examples else ""))
@@ -328,15 +428,16 @@ def train(args, d: Dist):
     total = args.max_steps or args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total)
 
-    resume = latest_checkpoint(args.out) if args.resume == "latest" else args.resume
+    resume = resume_point(args.resume, args.out, d)
     if args.resume == "latest" and resume is None:
         log(f"--resume: no checkpoint in {args.out} yet, starting fresh")
-    model = M.Qwen2VL.from_pretrained(resume or args.model, dtype=torch.float32, device="cpu")
-    freeze(model, args.freeze_vision, args.freeze_merger, args.freeze_llm)
-    model.set_grad_checkpointing(args.grad_ckpt)
+
+    def prepare(m):
+        freeze(m, args.freeze_vision, args.freeze_merger, args.freeze_llm)
+        m.set_grad_checkpointing(args.grad_ckpt)
+    model = load_sharded(resume or args.model, d, args.bf16, prepare)
     n_llm = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual."))
     n_vision = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
-    shard_model(model, d)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -423,14 +524,7 @@ def train(args, d: Dist):
                 bar.close()
                 return None
     bar.close()
-    sd = full_state_dict(model)
-    final = os.path.join(args.out, "final")
-    if d.main:
-        M.save_checkpoint(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos,
-                          extra_files={"preprocessor_config.json": pp})
-        log(f"saved {final}")
-    dist.barrier()
-    return final
+    return save_final(model, args.out, d, args.save_dtype, args.model, {"preprocessor_config.json": pp})
 
 
 def parse_args(argv=None):
@@ -477,6 +571,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=2, help="data-loader processes per rank")
     a("--ce-chunk", type=int, default=1024, help="label tokens per chunk of the cross-entropy")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_precision_args(ap)
     a("--peak-tflops", type=float, default=None, help="GPU peak bf16 TFLOP/s for MFU (known GPUs are detected)")
     args = ap.parse_args(argv)
     for k, v in STAGES[args.stage].items():
@@ -485,9 +580,20 @@ def parse_args(argv=None):
     return args
 
 
+def add_precision_args(ap):
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 compute with fp32 master weights and fp32 gradient reduction (default: on CUDA; "
+                         "on CPU it runs the same policy)")
+    ap.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default=None,
+                    help="dtype of OUT/final (default: the dtype --model is stored in); training checkpoints "
+                         "stay fp32 for exact resumption")
+
+
 def launch(train_fn, args):
     """Run train_fn(args, dist) inside a process group, leaving it cleanly on success and at once on error."""
     d = setup_distributed(args.device)
+    if getattr(args, "bf16", False) is None:
+        args.bf16 = d.device.type == "cuda"
     try:
         out = train_fn(args, d)
     except BaseException:

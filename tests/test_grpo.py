@@ -214,6 +214,62 @@ def test_two_ranks_equal_one_process(weak, one_process, tmp_path):
         assert abs(a["kl"] - b["kl"]) <= 1e-4 * max(1.0, abs(a["kl"]))
 
 
+def weak_batch(weak, n=4):
+    proc = D.Processor.from_pretrained(weak["model"], 56 * 56, 28 * 28 * 64)
+    recs = G.load_rl_records([weak["data"]], weak["images"])
+    return proc, recs, G.encode_prompts(proc, recs[:n], D.REASONING_SYSTEM_PROMPT)
+
+
+def test_bf16_fsdp_rollout_equals_the_plain_bf16_model(weak):
+    """Under the bf16 policy the rollout must see its prompt: FSDP once rebuilt each layer's inputs (the KV cache
+    with them), so decoding attended to nothing of the prompt or image."""
+    proc, recs, batch = weak_batch(weak)
+    plain = M.Qwen2VL.from_pretrained(weak["model"], dtype=torch.bfloat16)
+    want = G.rollout(plain, batch, 2, 24, 0.0, [0] * 4, plain.default_eos(), torch.device("cpu"))
+    assert len({tuple(r) for r in want.tolist()}) > 2  # the answers depend on the prompt: the test has teeth
+    d = S.setup_distributed("cpu")
+    try:
+        sharded = S.load_sharded(weak["model"], d, bf16=True)
+        assert sharded.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # fp32 master weights
+        got = G.rollout(sharded, batch, 2, 24, 0.0, [0] * 4, plain.default_eos(), d.device)
+    finally:
+        S.teardown_distributed()
+    assert got.tolist() == want.tolist()
+
+
+def test_bf16_training_logs_the_plain_bf16_completions(weak, tmp_path):
+    """train_grpo.py --bf16 --temperature 0: the logged completions are what generate gives on the plain bf16
+    model for the same prompts."""
+    out = tmp_path / "bf16"
+    G.main(grpo_args(weak, out, "--bf16", "--temperature", "0", "--max-steps", "1", "--beta", "0"))
+    logged = read_jsonl(out / "completions.jsonl")
+    proc, recs, _ = weak_batch(weak)
+    mine = [recs[i] for i in G.step_prompts(len(recs), 0, 4, seed=0)]
+    plain = M.Qwen2VL.from_pretrained(weak["model"], dtype=torch.bfloat16)
+    tokens = G.rollout(plain, G.encode_prompts(proc, mine, D.REASONING_SYSTEM_PROMPT), 4, 48, 0.0, [0] * 4,
+                       plain.default_eos(), torch.device("cpu"))
+    want = {(r["id"], g): text for b, r in enumerate(mine) for g, text in
+            enumerate(proc.batch_decode(tokens[b * 4:(b + 1) * 4]))}
+    assert {(c["id"], c["sample"]): c["completion"] for c in logged} == want
+
+
+def test_several_iterations_start_from_a_ratio_of_exactly_one(weak, tmp_path, monkeypatch):
+    """--iterations 2, lr 0, temperature 0.7: the ratio's denominator is the update's own forward, so rho = 1 on
+    every token of both iterations (generate's tempered, decode-path log-probs were not)."""
+    seen = []
+    real = G.grpo_loss
+
+    def spy(logp, old_logp, ref_logp, adv, mask, *a, **k):
+        seen.append(float(((logp.detach() - old_logp).abs() * mask).max()))
+        return real(logp, old_logp, ref_logp, adv, mask, *a, **k)
+    monkeypatch.setattr(G, "grpo_loss", spy)
+    out = tmp_path / "mu2"
+    G.main(grpo_args(weak, out, "--iterations", "2", "--lr", "0", "--temperature", "0.7", "--max-steps", "2"))
+    assert len(seen) == 2 * 2 * 2 and seen == [0.0] * len(seen)  # steps x iterations x micro-batches
+    steps = read_jsonl(out / "metrics.jsonl")
+    assert [s["clip_frac"] for s in steps] == [0.0, 0.0] and any(s["reward_std"] > 0 for s in steps)
+
+
 def test_bad_records_name_the_file_and_record(tmp_path):
     p = tmp_path / "rl.jsonl"
     p.write_text('{"image": "a.png", "question": "q?", "answer": "yes"}\n{"image": "b.png", "answer": "no"}\n')

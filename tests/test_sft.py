@@ -472,6 +472,122 @@ def test_two_ranks_equal_one_process(baseline, tiny_ckpt, train_data, images, tm
     assert_close(metrics(out), metrics(baseline[0]))
 
 
+def torchrun(*script_args, nproc=2, timeout=300, cwd=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script_args]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ranks_with_and_without_images_agree_with_one_process(tiny_ckpt, images, tmp_path, bf16):
+    """One sample with an image, one text-only, a micro-batch each: at every step one rank has an image and the
+    other none. Both run the vision tower (a blank image with weight 0 on the text-only rank), and the losses
+    equal those of one process that sees both samples."""
+    recs = [conv(("h", "<image>\n{CLS} Classify the scene."), ("g", "forest"), image="1.png"),
+            conv(("h", "{VQA} Is water wet?"), ("g", "yes, it is"))]
+    data = write(tmp_path / "mixed.jsonl", recs)
+
+    def args(out):
+        return [*one_step_args(tiny_ckpt[0], data, images, out, "--no-balance", "--micro-batch", "1", "--max-steps",
+                               "3"), *(["--bf16"] if bf16 else [])]
+    T.main(args(tmp_path / "one"))
+    r = torchrun(os.path.join(ROOT, "train_sft.py"), *args(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"), rel=1e-3 if bf16 else 1e-5)
+
+
+LOAD_TWO_RANKS = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import train_sft as T
+d = T.setup_distributed("cpu")
+base = int(open("/proc/self/statm").read().split()[1]) * 4096
+model = T.load_sharded({ckpt!r}, d, bf16=False)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+local = sum(p.to_local().numel() * 4 for p in model.parameters())
+print(json.dumps({{"rank": d.rank, "over_base": peak - base, "local": local}}))
+T.teardown_distributed()
+"""
+
+
+def test_start_up_holds_one_full_copy_on_rank_0_only(tmp_path):
+    """Rank 0 reads the checkpoint; the other ranks never hold more than their shards plus one tensor in flight."""
+    cfg = {"model_type": "qwen2_vl", "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+           "num_attention_heads": 8,
+           "num_key_value_heads": 8, "vocab_size": 8192, "tie_word_embeddings": True,
+           "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
+           "vision_config": {"depth": 1, "embed_dim": 64, "num_heads": 2, "hidden_size": 512}}
+    with torch.device("meta"):
+        m = M.Qwen2VL(M.Qwen2VLConfig.from_dict(cfg))
+    m = m.to_empty(device="cpu")
+    m.lm_head.weight = m.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    size = sum(p.numel() * 4 for p in m.parameters())
+    largest = max(p.numel() * 4 for p in m.parameters())
+    m.save_pretrained(tmp_path / "ckpt")
+    del m
+    (tmp_path / "load.py").write_text(LOAD_TWO_RANKS.format(root=ROOT, ckpt=str(tmp_path / "ckpt")))
+    r = torchrun(str(tmp_path / "load.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = sorted((json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")), key=lambda x: x["rank"])
+    assert size > 200e6 and largest < size / 8  # ~57M parameters, no tensor dominating
+    assert ranks[0]["over_base"] > size  # the full copy, read on rank 0 (and the measure sees it)
+    # rank 1: its half (0.5 x size) plus one tensor in flight and allocator slack; a full copy would be >= size
+    assert ranks[1]["local"] <= size / 2 + 1024 and ranks[1]["over_base"] < 0.8 * size, ranks
+
+
+def test_a_rank_that_cannot_see_out_stops_every_rank(tiny_ckpt, train_data, images, tmp_path):
+    """Two "nodes" (two processes in different folders) given a relative --out, as a multi-node run without a
+    shared OUT: both stop at start with an error that says what to do, rather than hang at the first checkpoint."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sft.py"),
+                                       *base_args(tiny_ckpt[0], train_data[0], images, "run")],
+                                      cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode != 0
+        assert "rank 1 on" in err and "cannot see the files rank 0 writes there" in err and "--out" in err, err[-2000:]
+    assert not (tmp_path / "node0" / "run" / "metrics.jsonl").exists()
+
+
+def test_save_dtype_bf16_loads_in_transformers_and_the_default_keeps_the_source_dtype(tiny_ckpt, train_data, images,
+                                                                                       tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--save-dtype", "bf16"])):
+        out = tmp_path / name
+        T.main(base_args(tiny_ckpt[0], train_data[0], images, out, "--max-steps", "2", *extra))
+        runs[name] = out / "final"
+    assert json.load(open(runs["fp32"] / "config.json"))["torch_dtype"] == "float32"  # tiny_ckpt is stored fp32
+    assert json.load(open(runs["bf16"] / "config.json"))["torch_dtype"] == "bfloat16"
+    ratio = os.path.getsize(runs["bf16"] / "model.safetensors") / os.path.getsize(runs["fp32"] / "model.safetensors")
+    assert 0.49 < ratio < 0.52
+    ids = torch.tensor([[5, 17, 40, 3, 99, 12, 7]])
+    logits = {}
+    for name, path in runs.items():
+        hf = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits[name] = hf(input_ids=ids).logits
+    err = (logits["bf16"] - logits["fp32"]).abs().max() / logits["fp32"].abs().max()
+    assert 1e-6 < err < 2e-2  # bf16 rounding of the weights: visible, small
+    # a run that starts from a bf16 checkpoint exports bf16 by default
+    src16 = tmp_path / "src16"
+    M.Qwen2VL.from_pretrained(tiny_ckpt[0], dtype=torch.bfloat16).save_pretrained(src16)
+    T.main(base_args(str(src16), train_data[0], images, tmp_path / "from16", "--max-steps", "1"))
+    assert M.checkpoint_dtype(tmp_path / "from16" / "final") == torch.bfloat16
+
+
 def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_ckpt, train_data, images, tmp_path):
     out = tmp_path / "resume"
     args = base_args(tiny_ckpt[0], train_data[0], images, out, "--save-every", "2", "--keep", "1")
@@ -524,9 +640,9 @@ def test_nan_loss_stops_naming_the_step(tiny_ckpt, train_data, images, tmp_path,
     calls = {"n": 0}
     real = T.forward_logprobs
 
-    def poisoned(model, batch, targets, chunk):
+    def poisoned(model, batch, targets, chunk, **kw):
         calls["n"] += 1
-        lp = real(model, batch, targets, chunk)
+        lp = real(model, batch, targets, chunk, **kw)
         return lp * float("nan") if calls["n"] == 5 else lp  # micro-batch 1 of step 3
 
     monkeypatch.setattr(T, "forward_logprobs", poisoned)
