@@ -808,7 +808,7 @@ def canonical_key(k: str) -> str:
     return k
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
@@ -851,7 +851,7 @@ def _first_bad_tensor(path) -> str:
         if end > data:
             return (f": tensor {name} needs data bytes {start}..{end} but the file holds {data} "
                     f"({sum(m['data_offsets'][1] > data for _, m in entries)} tensors cut off)")
-        dtype = _ST_DTYPES.get(meta["dtype"])
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
         if dtype is not None and math.prod(meta["shape"]) * dtype.itemsize != end - start:
             return f": tensor {name} has {end - start} bytes, not what shape {meta['shape']} of {meta['dtype']} needs"
     return ""
@@ -869,7 +869,7 @@ def iter_safetensors(path, wanted=None, header=None):
             if wanted is not None and name not in wanted:
                 continue
             start, end = meta["data_offsets"]
-            dtype = _ST_DTYPES.get(meta["dtype"])
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
             if dtype is None:
                 raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
             buf = bytearray(end - start)
@@ -885,7 +885,7 @@ def checkpoint_dtype(folder) -> torch.dtype:
     total = {}
     for path in checkpoint_files(folder):
         for meta in read_safetensors_header(path)[0].values():
-            dtype = _ST_DTYPES.get(meta["dtype"])
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
             if dtype is not None and dtype.is_floating_point:
                 total[dtype] = total.get(dtype, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
     if not total:
@@ -909,30 +909,29 @@ def checkpoint_files(folder):
     return [os.path.join(folder, fn) for fn in found]
 
 
-def load_weights(model: Qwen2VL, folder):
-    """Copy every checkpoint tensor into the (already allocated) parameters; one error lists every problem."""
+def weight_plan(model: Qwen2VL, folder) -> list:
+    """What to read for `model` from the checkpoint in `folder`, decided from the file headers alone (every file
+    validated first; no tensor data read): [(file, header, {name in the file: parameter name})]. The model may be
+    on the meta device. One error lists every missing, unexpected and mis-shaped tensor."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = model.config.tie_word_embeddings
     need = set(params) - ({"lm_head.weight"} if tied else set())
-    seen, unexpected, bad_shape = set(), [], []
-    files = [(path, read_safetensors_header(path)) for path in checkpoint_files(folder)]  # every file checked first
-    for path, (header, base) in files:
-        wanted = set()
-        for raw, meta in header.items():
+    seen, unexpected, bad_shape, plan = set(), [], [], []
+    for path in checkpoint_files(folder):
+        header = read_safetensors_header(path)
+        wanted = {}
+        for raw, meta in header[0].items():
             k = canonical_key(raw)
             if k not in params or (tied and k == "lm_head.weight"):
                 if not (tied and k == "lm_head.weight"):
                     unexpected.append(raw)
-            elif list(params[k].shape) != list(meta["shape"]):
+                continue
+            seen.add(k)  # a mis-shaped tensor is reported as such rather than as missing
+            if list(params[k].shape) != list(meta["shape"]):
                 bad_shape.append(f"{raw}: checkpoint {list(meta['shape'])}, model {list(params[k].shape)}")
-                seen.add(k)  # present, reported as mis-shaped rather than missing
             else:
-                wanted.add(raw)
-        with torch.no_grad():
-            for raw, t in iter_safetensors(path, wanted, (header, base)):
-                k = canonical_key(raw)
-                params[k].copy_(t)
-                seen.add(k)
+                wanted[raw] = k
+        plan.append((path, header, wanted))
     missing = sorted(need - seen)
     if missing or unexpected or bad_shape:
         def show(xs):
@@ -945,6 +944,22 @@ def load_weights(model: Qwen2VL, folder):
         if bad_shape:
             lines.append(f"  wrong shape ({len(bad_shape)}): {show(bad_shape)}")
         raise ValueError("\n".join(lines))
+    return plan
+
+
+def read_weights(plan):
+    """(parameter name, tensor) for every tensor of a weight_plan, read one at a time, in file order."""
+    for path, header, wanted in plan:
+        for raw, t in iter_safetensors(path, wanted, header):
+            yield wanted[raw], t
+
+
+def load_weights(model: Qwen2VL, folder):
+    """Copy every checkpoint tensor into the (already allocated) parameters."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for k, t in read_weights(weight_plan(model, folder)):
+            params[k].copy_(t)
 
 
 CARRIED_FILES = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",

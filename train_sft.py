@@ -31,9 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import distribute_tensor
 
 import data as D
 import model as M
@@ -137,18 +138,36 @@ def resolve_model(path: str, d: Dist) -> str:
 
 
 def load_sharded(folder: str, d: Dist, bf16: bool, prepare=None) -> M.Qwen2VL:
-    """The checkpoint in `folder` as an FSDP-sharded model, holding at most one full copy of the weights in host
-    memory per node: every rank builds the model on the meta device and shards it; rank 0 alone reads the
-    weights, and each rank receives its shards by broadcast. `prepare(model)` runs before sharding (freezing,
-    activation checkpointing)."""
+    """The checkpoint in `folder` as an FSDP-sharded model, without a full copy of the weights in any process:
+    every rank builds the model on the meta device and shards it; rank 0 reads the checkpoint one tensor at a time
+    and broadcasts it, and each rank keeps its shard of it. Peak host memory per rank: its shards plus one
+    tensor. `prepare(model)` runs before sharding (freezing, activation checkpointing)."""
     model = M.Qwen2VL.from_pretrained(folder, torch.float32, "meta")
     if prepare is not None:
         prepare(model)
-    full = M.Qwen2VL.from_pretrained(folder, torch.float32, "cpu").state_dict() if d.main else {}
+    plan, err = None, None
+    if d.main:
+        try:
+            plan = M.weight_plan(model, folder)  # headers only: a bad checkpoint stops every rank before any read
+        except (OSError, ValueError) as e:
+            err = str(e)
+    order = [(wanted[raw], header[raw]["dtype"]) for _, (header, _), wanted in plan or []
+             for raw in sorted(wanted, key=lambda r: header[r]["data_offsets"][0])]  # read_weights' order
+    box = [err, order]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SystemExit(box[0])
     shard_model(model, d, bf16)
     model.to_empty(device=d.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
+    params = dict(model.named_parameters())
+    weights = M.read_weights(plan) if d.main else None
+    with torch.no_grad():
+        for name, dtype in box[1]:
+            p = params[name]
+            t = next(weights)[1].to(d.device) if d.main else torch.empty(p.shape, dtype=M.SAFETENSORS_DTYPES[dtype],
+                                                                          device=d.device)
+            dist.broadcast(t, src=0)  # in the file's dtype: a bf16 checkpoint travels at half the bytes
+            p.copy_(distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None))  # this rank's part
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise RuntimeError("the tied lm_head lost its tie while sharding")
     return model
