@@ -332,7 +332,7 @@ def gathered(model):
     finally:
         for u in units:
             u.reshard()
-            u.set_reshard_after_forward(True, recurse=False)
+            u.set_reshard_after_forward(u is not model, recurse=False)  # FSDP keeps the root gathered for backward
 
 
 def encode_prompts(proc, records, system_prompt):

@@ -8,7 +8,7 @@ The loss is the mean cross-entropy over every label token of the global batch (a
 computed at label positions only, in checkpointed chunks (model.forward(targets=...)).
 
 train_grpo.py reuses: setup_distributed, teardown_distributed, check_out_shared, resolve_model, load_sharded,
-shard_model, freeze, param_groups, lr_factor, set_lr, clip_grad_norm, full_state_dict, save_final, 
+shard_model, freeze, param_groups, lr_factor, set_lr, clip_grad_norm, full_state_dict, save_final,
 save_training_checkpoint, resume_point, load_training_checkpoint, MetricsLogger, peak_memory_gb.
 """
 from __future__ import annotations
@@ -34,7 +34,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import distribute_tensor
 
 import data as D
 import model as M
@@ -90,23 +89,39 @@ def teardown_distributed(ok: bool = True):
         dist.destroy_process_group()
 
 
+def stop_together(d: Dist, err: str | None):
+    """SystemExit on every rank when any rank met an error (`err`): no rank is left waiting in a collective."""
+    errs = [None] * d.world
+    dist.all_gather_object(errs, err)
+    if any(errs):
+        raise SystemExit(next(e for e in errs if e))
+
+
 def check_out_shared(out: str, d: Dist):
     """Every rank must see what rank 0 writes in OUT: a checkpoint holds files from every rank, and --resume reads
     it on every rank. A multi-node run whose OUT is not one shared file system would fail late, or hang in a
     collective that only some ranks enter; this stops every rank at start instead, saying so."""
-    probe = os.path.join(out, f".shared-check-{os.getpid()}") if d.main else None
-    token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}" if d.main else None
+    probe = os.path.join(out, f".shared-check-{os.getpid()}")  # as each rank will resolve OUT, relative or not
+    token, err = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}", None
     if d.main:
-        os.makedirs(out, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write(token)
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write(token)
+        except OSError as e:
+            err = f"--out {out}: cannot write there ({e})"
+    stop_together(d, err)
     box = [probe, token]
     dist.broadcast_object_list(box, src=0)
-    try:
-        with open(box[0]) as f:
-            seen = f.read() == box[1]
-    except OSError:
-        seen = False
+    for attempt in range(5):  # a shared file system may show a new file a moment late (attribute caching)
+        try:
+            with open(box[0]) as f:
+                seen = f.read() == box[1]
+        except OSError:
+            seen = False
+        if seen or attempt == 4:
+            break
+        time.sleep(1)
     views = [None] * d.world
     dist.all_gather_object(views, (seen, socket.gethostname()))
     if d.main:
@@ -120,20 +135,22 @@ def check_out_shared(out: str, d: Dist):
 
 def resolve_model(path: str, d: Dist) -> str:
     """A local checkpoint folder for a folder or hub id. A hub id is downloaded once per node, by its local rank 0;
-    the other ranks then read that copy from the cache. A failed download stops every rank (no one is left
-    waiting)."""
-    if os.path.isdir(path):
+    the other ranks then read that copy from the cache. Errors stop every rank (no one is left waiting)."""
+    here = [None] * d.world
+    dist.all_gather_object(here, os.path.isdir(path))
+    if all(here):
         return path
+    if any(here):
+        raise SystemExit(f"--model {path}: a folder on ranks {[r for r, h in enumerate(here) if h]} but not on "
+                         f"ranks {[r for r, h in enumerate(here) if not h]}: give a folder every node sees, or a "
+                         f"hub id")
     err = None
     if d.local_rank == 0:
         try:
             M.resolve_checkpoint(path)
-        except Exception as e:  # noqa: BLE001 - reported on every rank below
+        except Exception as e:  # noqa: BLE001 - reported on every rank
             err = str(e)
-    errs = [None] * d.world
-    dist.all_gather_object(errs, err)
-    if any(errs):
-        raise SystemExit(next(e for e in errs if e))
+    stop_together(d, err)
     return M.resolve_checkpoint(path, local_files_only=True)
 
 
@@ -142,32 +159,37 @@ def load_sharded(folder: str, d: Dist, bf16: bool, prepare=None) -> M.Qwen2VL:
     every rank builds the model on the meta device and shards it; rank 0 reads the checkpoint one tensor at a time
     and broadcasts it, and each rank keeps its shard of it. Peak host memory per rank: its shards plus one
     tensor. `prepare(model)` runs before sharding (freezing, activation checkpointing)."""
-    model = M.Qwen2VL.from_pretrained(folder, torch.float32, "meta")
-    if prepare is not None:
-        prepare(model)
-    plan, err = None, None
-    if d.main:
-        try:
+    model, plan, err = None, None, None
+    try:
+        model = M.Qwen2VL.from_pretrained(folder, torch.float32, "meta")  # structure and settings: every rank
+        if d.main:
             plan = M.weight_plan(model, folder)  # headers only: a bad checkpoint stops every rank before any read
-        except (OSError, ValueError) as e:
-            err = str(e)
+    except Exception as e:  # noqa: BLE001 - reported on every rank
+        err = f"{folder}: {type(e).__name__}: {e}"
+    stop_together(d, err)
     order = [(wanted[raw], header[raw]["dtype"]) for _, (header, _), wanted in plan or []
              for raw in sorted(wanted, key=lambda r: header[r]["data_offsets"][0])]  # read_weights' order
-    box = [err, order]
+    box = [order]
     dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise SystemExit(box[0])
+    if prepare is not None:
+        prepare(model)
     shard_model(model, d, bf16)
     model.to_empty(device=d.device)
     params = dict(model.named_parameters())
     weights = M.read_weights(plan) if d.main else None
     with torch.no_grad():
-        for name, dtype in box[1]:
+        for name, dtype in box[0]:
             p = params[name]
-            t = next(weights)[1].to(d.device) if d.main else torch.empty(p.shape, dtype=M.SAFETENSORS_DTYPES[dtype],
-                                                                          device=d.device)
+            if d.main:
+                got, t = next(weights)
+                assert got == name, (got, name)
+                t = t.to(d.device)
+            else:
+                t = torch.empty(p.shape, dtype=M.SAFETENSORS_DTYPES[dtype], device=d.device)
             dist.broadcast(t, src=0)  # in the file's dtype: a bf16 checkpoint travels at half the bytes
-            p.copy_(distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None))  # this rank's part
+            part = t.chunk(d.world)  # FSDP2 shards dim 0 as torch.chunk cuts it (late ranks may get nothing)
+            if d.rank < len(part):
+                p.to_local().copy_(part[d.rank])
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         raise RuntimeError("the tied lm_head lost its tie while sharding")
     return model
@@ -250,7 +272,11 @@ def save_final(model, out_dir: str, d: Dist, save_dtype: str | None, start_folde
     final = os.path.join(out_dir, "final")
     if d.main:
         dtype = SAVE_DTYPES[save_dtype] if save_dtype else M.checkpoint_dtype(start_folder)
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        for k in list(sd):  # one tensor at a time: each fp32 copy goes as its converted one comes
+            if model.config.tie_word_embeddings and k == "lm_head.weight":
+                del sd[k]  # the tied head is written once, as the embedding
+            elif sd[k].is_floating_point():
+                sd[k] = sd[k].to(dtype)
         M.save_checkpoint(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos,
                           extra_files=extra_files)
         print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
@@ -337,7 +363,7 @@ def resume_point(resume: str | None, out_dir: str, d: Dist) -> str | None:
 
 def load_training_checkpoint(path: str, model, optimizer, d: Dist) -> dict:
     """Restore optimizer (rank 0 reads, then it is sharded to all) and this rank's RNG; returns the trainer
-    state. The model weights come from the same folder through Qwen2VL.from_pretrained, before sharding."""
+    state. The model weights come from the same folder, through load_sharded."""
     osd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True) if d.main else {}
     set_optimizer_state_dict(model, optimizer, osd,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -421,7 +447,8 @@ def accumulate_gradients(model, micro, d: Dist, chunk: int) -> tuple[float, floa
     loss_sum = torch.zeros((), device=d.device)
     for b, tgt, any_images in zip(micro, targets, images.tolist()):
         logp = forward_logprobs(model, b, tgt, chunk, sync_vision=any_images > 0)
-        (-logp.sum() * (d.world / n)).backward()  # * world: FSDP averages the ranks' gradients
+        if logp.requires_grad:  # not when nothing trainable was used on any rank (--freeze-llm, no image anywhere)
+            (-logp.sum() * (d.world / n)).backward()  # * world: FSDP averages the ranks' gradients
         loss_sum += -logp.detach().sum()
     return float(loss_sum), float(n)
 

@@ -254,8 +254,9 @@ def test_bf16_training_logs_the_plain_bf16_completions(weak, tmp_path):
 
 
 def test_several_iterations_start_from_a_ratio_of_exactly_one(weak, tmp_path, monkeypatch):
-    """--iterations 2, lr 0, temperature 0.7: the ratio's denominator is the update's own forward, so rho = 1 on
-    every token of both iterations (generate's tempered, decode-path log-probs were not)."""
+    """--iterations 2 at temperature 0.7: the ratio's denominator is the update's own forward, run before the first
+    update, so rho = 1 on every token of iteration 1 (generate's tempered, decode-path log-probs were not); with
+    lr 0 it stays 1 in iteration 2 as well (clip fraction 0), with lr > 0 it moves (the old policy is kept)."""
     seen = []
     real = G.grpo_loss
 
@@ -263,11 +264,19 @@ def test_several_iterations_start_from_a_ratio_of_exactly_one(weak, tmp_path, mo
         seen.append(float(((logp.detach() - old_logp).abs() * mask).max()))
         return real(logp, old_logp, ref_logp, adv, mask, *a, **k)
     monkeypatch.setattr(G, "grpo_loss", spy)
-    out = tmp_path / "mu2"
-    G.main(grpo_args(weak, out, "--iterations", "2", "--lr", "0", "--temperature", "0.7", "--max-steps", "2"))
-    assert len(seen) == 2 * 2 * 2 and seen == [0.0] * len(seen)  # steps x iterations x micro-batches
-    steps = read_jsonl(out / "metrics.jsonl")
-    assert [s["clip_frac"] for s in steps] == [0.0, 0.0] and any(s["reward_std"] > 0 for s in steps)
+    for lr in ("0", "1e-3"):
+        seen.clear()
+        out = tmp_path / f"mu2-{lr}"
+        G.main(grpo_args(weak, out, "--iterations", "2", "--lr", lr, "--temperature", "0.7", "--max-steps", "2"))
+        assert len(seen) == 2 * 2 * 2  # steps x iterations x micro-batches
+        first, second = seen[0:2] + seen[4:6], seen[2:4] + seen[6:8]
+        assert first == [0.0] * 4
+        if lr == "0":
+            assert second == [0.0] * 4
+            steps = read_jsonl(out / "metrics.jsonl")
+            assert [s["clip_frac"] for s in steps] == [0.0, 0.0] and any(s["reward_std"] > 0 for s in steps)
+        else:
+            assert max(second) > 1e-4
 
 
 def test_bad_records_name_the_file_and_record(tmp_path):
