@@ -18,73 +18,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
+import checkpoint as CK
 import model as M
-
-QWEN2VL_2B = dict(model_type="qwen2_vl", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1e6,
-                  rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, vocab_size=151936,
-                  tie_word_embeddings=True, max_position_embeddings=32768, eos_token_id=151645,
-                  vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, in_chans=3,
-                                     hidden_size=1536, patch_size=14, spatial_merge_size=2, temporal_patch_size=2))
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from training import PeakMemory
 
 def make_checkpoint(folder, layers, vision_depth, dtype, seed=0):
-    """Random weights at the 2B widths (std 0.02, norms at 1), saved in HF layout."""
-    d = json.loads(json.dumps(QWEN2VL_2B))
-    d["num_hidden_layers"] = layers
-    d["vision_config"]["depth"] = vision_depth
-    cfg = M.Qwen2VLConfig.from_dict(d)
-    with torch.device("meta"):
-        m = M.Qwen2VL(cfg)
-    m = m.to(dtype).to_empty(device="cpu")
-    m.lm_head.weight = m.model.embed_tokens.weight
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.fill_(1.0) if name.endswith("weight") else p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=g)
-    m.save_pretrained(folder)
-
-
-class PeakMemory:
-    """Peak memory while the block runs: CUDA's allocator peak, or the process RSS sampled every 2 ms on CPU."""
-
-    def __init__(self, device):
-        self.device, self.peak, self._stop = device, 0, False
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _poll(self):
-        while not self._stop:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
-
-    def __enter__(self):
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.peak = self._rss()
-            self._t = threading.Thread(target=self._poll, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.startswith("cuda"):
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop = True
-            self._t.join()
-            self.peak = max(self.peak, self._rss())
+    """Random weights at the 2B widths (the config's defaults), `layers` and `vision_depth` deep, in HF layout."""
+    cfg = M.Qwen2VLConfig(num_hidden_layers=layers, vision=M.VisionConfig(depth=vision_depth))
+    CK.save_model(M.init_weights(M.Qwen2VL.empty(cfg, dtype), seed), folder)
 
 
 def inputs(cfg, batch, image_size, text_tokens, device):
@@ -110,10 +55,10 @@ def sync(device):
 def child(a):
     """One trial of one implementation; prints a JSON line."""
     torch.manual_seed(0)
-    dtype, dev = DTYPES[a.dtype], a.device
+    dtype, dev = M.DTYPES[a.dtype], a.device
     ids, mask, pv, thw = None, None, None, None
     if a.impl == "ours":
-        m = M.Qwen2VL.from_pretrained(a.ckpt, dtype=dtype, device=dev)
+        m = CK.load(a.ckpt, dtype=dtype, device=dev)
         if a.compile:
             m.forward = torch.compile(m.forward)
 
@@ -150,17 +95,17 @@ def child(a):
     assert out.shape[-1] >= a.new_tokens
     p, tt = statistics.median(prefill), statistics.median(total)
     print(json.dumps({"impl": a.impl, "prefill_s": p, "decode_tok_s": a.batch * (a.new_tokens - 1) / max(tt - p, 1e-9),
-                      "peak_mem_gb": mem.peak / 1e9, "prompt_tokens": ids.shape[1]}))
+                      "peak_mem_gb": mem.bytes() / 1e9, "prompt_tokens": ids.shape[1]}))
 
 
 def rollout_bench(a):
     """G completions per prompt from one generate(num_samples=G) call, against the public reference's way: one
     generate call per completion, each re-encoding the prompt and its image. Same model, same process."""
-    dtype, dev = DTYPES[a.dtype], a.device
+    dtype, dev = M.DTYPES[a.dtype], a.device
     tmp = tempfile.mkdtemp(prefix="bench-rollout-")
     try:
         make_checkpoint(os.path.join(tmp, "m"), a.layers, a.vision_depth, dtype)
-        m = M.Qwen2VL.from_pretrained(os.path.join(tmp, "m"), dtype=dtype, device=dev)
+        m = CK.load(os.path.join(tmp, "m"), dtype=dtype, device=dev)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ids, mask, pv, thw = inputs(m.config, a.batch, a.image_size, a.text_tokens, dev)
@@ -200,7 +145,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (2B: 28)")
     ap.add_argument("--vision-depth", type=int, default=32, help="vision blocks (2B: 32)")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=list(M.DTYPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=1, help="prompts per batch (decode tokens/s counts all rows)")
     ap.add_argument("--image-size", type=int, default=448, help="square image side in pixels (448 -> 256 tokens)")
@@ -225,7 +170,7 @@ def main(argv=None):
         tmp = tempfile.mkdtemp(prefix="bench-ckpt-")
         a.ckpt = os.path.join(tmp, "model")
         print(f"writing random weights ({a.layers} layers, vision depth {a.vision_depth}, {a.dtype}) ...", flush=True)
-        make_checkpoint(a.ckpt, a.layers, a.vision_depth, DTYPES[a.dtype])
+        make_checkpoint(a.ckpt, a.layers, a.vision_depth, M.DTYPES[a.dtype])
     try:
         impls = [i.strip() for i in a.impls.split(",")]
         results = {i: [] for i in impls}

@@ -1,55 +1,20 @@
-"""Data for TinyRS: image processor, tokenizer and chat template, conversations, datasets, reasoning captions.
+"""Data for TinyRS: image processor, tokenizer wrapper and chat template, conversations -> token ids and labels,
+datasets, task balancing, batching and packing. A library: no command line, no project imports.
 
-The synthetic remote-sensing world (`python data.py synth`, `python data.py tiny`) lives in synth.py."""
+The synthetic world and tiny checkpoints are synth.py; reasoning answers written by an LLM are think.py."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
 import re
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-# Qwen2-VL's special tokens in their checkpoint order: a tokenizer we train ourselves appends them in this
-# order after its learned vocabulary, so the real checkpoint and our tiny ones differ only by an offset.
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-# Qwen2's pre-tokenizer split: contractions, words, single digits, punctuation runs, newlines, spaces.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def train_tokenizer(texts, vocab_size: int = 1024):
-    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer and special tokens, trained on `texts`.
-
-    Deterministic for the same texts. The special tokens get the ids right after the learned vocabulary."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE(byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(list(texts), trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image processor, tokenizer wrapper and chat template (Qwen2-VL conventions, see REFERENCE.md §2)
-# ----------------------------------------------------------------------------------------------------------------
+# --- Image processor, tokenizer wrapper and chat template, following Qwen2-VL's released processor ---
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -216,6 +181,15 @@ def _find_chat_template(folder: str) -> str | None:
     return None
 
 
+def tokenizer_config(chat_template: str | None = None) -> dict:
+    """tokenizer_config.json for a tokenizer of Qwen2's kind: what transformers' AutoTokenizer needs to load it
+    as Qwen2-VL's (special tokens, byte-level options), and the chat template when given."""
+    cfg = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "eos_token": "<|im_end|>",
+           "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "errors": "replace",
+           "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False}
+    return cfg if chat_template is None else {**cfg, "chat_template": chat_template}
+
+
 @dataclass
 class Processor:
     """Text + image inputs for Qwen2-VL: chat template, tokenisation, image-token expansion, padding."""
@@ -366,12 +340,8 @@ class Processor:
         if not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
             self.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
         if not os.path.isfile(os.path.join(out_dir, "tokenizer_config.json")):
-            cfg = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-                   "bos_token": None, "unk_token": None, "model_max_length": 32768}
-            if self.chat_template:
-                cfg["chat_template"] = self.chat_template
             with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2, ensure_ascii=False)
+                json.dump(tokenizer_config(self.chat_template or None), f, indent=2, ensure_ascii=False)
         # Always rewritten: pixel limits may have been overridden at load time. Unknown source keys are kept.
         pp_path = os.path.join(out_dir, "preprocessor_config.json")
         pp = _read_json(pp_path) if os.path.isfile(pp_path) else {}
@@ -380,12 +350,10 @@ class Processor:
             json.dump(pp, f, indent=2)
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # --- Conversations, datasets, batching (SFT) ---
 # Records in the LLaVA/VHM form, a JSON list or JSONL:
 #   {"id"?, "image": path | [paths], "conversations": [{"from": "human"|"user", "value": "<image>\n..."},
 #    {"from": "gpt"|"assistant", "value": "..."}, ...], "task"?: name}
-# ----------------------------------------------------------------------------------------------------------------
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -567,12 +535,6 @@ class SampleInfo:
     where: str
 
 
-def _image_size(path):
-    from PIL import Image
-    with Image.open(path) as im:  # reads the header only
-        return im.size
-
-
 class ConversationDataset(torch.utils.data.Dataset):
     """Conversation records, scanned once up front: token ids, labels, image sizes (headers only) and lengths.
 
@@ -700,57 +662,13 @@ def _rec_id(rec):
 
 
 def _safe_image_size(path):
+    """(width, height) from the file's header alone, or the exception, which the caller reports per record."""
+    from PIL import Image
     try:
-        return _image_size(path)
-    except Exception as e:  # reported per record by the caller
+        with Image.open(path) as im:
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one bad record, never a crash
         return e
-
-
-def balance_factors(tasks, max_factor: float = 5.0) -> dict:
-    """Replication per task and epoch: each task grows toward the largest one's count, at most max_factor times."""
-    counts = {t: tasks.count(t) for t in sorted(set(tasks))}
-    top = max(counts.values())
-    return {t: min(float(max_factor), top / c) for t, c in counts.items()}
-
-
-def balanced_counts(tasks, factors) -> dict:
-    """Samples per task in one balanced epoch (what epoch_order yields)."""
-    return {t: int(f) * tasks.count(t) + round((f - int(f)) * tasks.count(t)) for t, f in factors.items()}
-
-
-def epoch_order(n_or_tasks, epoch: int, seed: int, factors: dict | None = None) -> list[int]:
-    """Sample indices of one epoch, shuffled by (seed, epoch) only: every rank and every restart agree.
-
-    With factors (balance_factors), a task's samples appear int(f) times plus a random fraction f - int(f) of them."""
-    rng = np.random.default_rng([seed, epoch])
-    if factors is None:
-        n = n_or_tasks if isinstance(n_or_tasks, int) else len(n_or_tasks)
-        return rng.permutation(n).tolist()
-    tasks = np.asarray(n_or_tasks)
-    picks = []
-    for t, f in sorted(factors.items()):
-        idx = np.flatnonzero(tasks == t)
-        picks += [idx] * int(f)
-        picks.append(rng.choice(idx, round((f - int(f)) * len(idx)), replace=False))
-    return rng.permutation(np.concatenate(picks)).tolist()
-
-
-def rank_steps(order, global_batch: int, micro_batch: int, rank: int = 0, world: int = 1, lengths=None):
-    """Optimizer steps of an epoch for one rank: steps[s] = this rank's micro-batches (lists of sample indices).
-
-    Global batch s is order[s*G:(s+1)*G] whatever the world size (a partial last one is dropped); rank r takes
-    the r-th of `world` equal slices. Sorting a slice by length before cutting micro-batches cuts padding and
-    does not change the loss (every sample of the global batch counts the same)."""
-    per_rank, rem = divmod(global_batch, world)
-    if rem or per_rank % micro_batch:
-        raise ValueError(f"global batch {global_batch} must split into {world} ranks x micro-batches of {micro_batch}")
-    steps = []
-    for s in range(len(order) // global_batch):
-        share = list(order[s * global_batch + rank * per_rank: s * global_batch + (rank + 1) * per_rank])
-        if lengths is not None:
-            share.sort(key=lambda i: -lengths[i])
-        steps.append([share[k:k + micro_batch] for k in range(0, per_rank, micro_batch)])
-    return steps
 
 
 def pack_rows(lengths, capacity: int) -> list[list[int]]:
@@ -808,224 +726,8 @@ def collate(samples, pad_id: int, pack_len: int | None = None) -> dict:
             "skipped": [s["skipped"] for s in samples if "skipped" in s]}
 
 
-# --- `python data.py think`: VHM-Instruct-Think from conversations, through any OpenAI-compatible endpoint ---
-THINK_PROMPT = (
-    "You are given a remote sensing image, a question about it and the correct answer. Explain step by step how "
-    "the answer follows from what can be seen in the image: name the relevant objects, their positions, counts, "
-    "shapes and context, as an analyst looking at the image would. Reason as if you were working the answer out "
-    "yourself; do not say that the answer was given to you. Write the reasoning inside <reasoning> </reasoning>, "
-    "then the answer inside <answer> </answer>, copied exactly as given (boxes keep their coordinates). Output "
-    "nothing else."
-)
-_THINK_RE = re.compile(r"\s*<reasoning>(.*?)</reasoning>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-
-
-def think_pairs(record: dict, where: str) -> list[tuple[int, str, str]]:
-    """(turn index, question text, original answer) for each assistant turn of a record."""
-    convs = record_turns(record)
-    conversation_messages(record, where)  # the same checks as training: roles, placeholders, an assistant turn
-    pairs, question = [], ""
-    for j, t in enumerate(convs):
-        role = ROLES[str(t.get("from", t.get("role"))).lower()]
-        text = t.get("value", t.get("content"))
-        if role == "user":
-            question = _PLACEHOLDER_RE.sub(" ", text).strip()
-        elif role == "assistant":
-            pairs.append((j, question, text))
-    return pairs
-
-
-def _call_with_retries(client, request: dict, retries: int, backoff: float):
-    """client.chat.completions.create, retried with exponential backoff (or the server's Retry-After) on 429,
-    5xx, timeouts and dropped connections; other errors (400, 401, ...) are final at once."""
-    import openai
-    for attempt in range(retries + 1):
-        try:
-            return client.chat.completions.create(**request)
-        except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
-                openai.APIConnectionError) as e:
-            if attempt == retries:
-                raise
-            delay = backoff * 2 ** attempt * (1 + random.random())
-            after = getattr(getattr(e, "response", None), "headers", {}).get("retry-after")
-            try:
-                delay = max(delay, min(float(after), 60.0)) if after is not None else delay
-            except ValueError:
-                pass
-            time.sleep(delay)
-
-
-def think_one(client, record: dict, where: str, image_root: str, args) -> dict:
-    """Rewrite every assistant turn of one record as <reasoning>...</reasoning><answer>original</answer>.
-
-    Returns {"status": "done" | "rejected" | "failed", "record" | "reason", "usage": [prompt, completion]}."""
-    from rewards import normalize_answer
-    usage = [0, 0]
-    try:
-        pairs = think_pairs(record, where)
-        images = record.get("image", record.get("images")) or []
-        images = [images] if isinstance(images, str) else images
-        urls = [image_data_url(image_path(p, image_root, record.get("source_dataset")), args.image_max_side)
-                for p in images]
-    except (DataError, OSError, ValueError) as e:
-        return {"status": "failed", "reason": str(e), "usage": usage}
-    out = json.loads(json.dumps(record))
-    for j, question, answer in pairs:
-        content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-        content.append({"type": "text", "text": f"Question: {question}\nCorrect answer: {answer}"})
-        request = {"model": args.model, "messages": [{"role": "system", "content": THINK_PROMPT},
-                                                     {"role": "user", "content": content}],
-                   "temperature": args.temperature, "max_tokens": args.max_tokens}
-        last = None
-        for _ in range(args.attempts):
-            try:
-                resp = _call_with_retries(client, request, args.retries, args.backoff)
-            except Exception as e:  # noqa: BLE001 - every API failure is reported per record, never raised
-                return {"status": "failed", "reason": f"turn {j}: {type(e).__name__}: {e}", "usage": usage}
-            if resp.usage is not None:
-                usage[0] += resp.usage.prompt_tokens or 0
-                usage[1] += resp.usage.completion_tokens or 0
-            last = (resp.choices[0].message.content or "") if resp.choices else ""
-            m = _THINK_RE.fullmatch(last)
-            if m and m.group(1).strip() and normalize_answer(m.group(2)) == normalize_answer(answer):
-                # the original answer verbatim: the label the model learns stays exactly the dataset's
-                reasoning = m.group(1).strip()
-                out["conversations"][j]["value"] = f"<reasoning>{reasoning}</reasoning><answer>{answer}</answer>"
-                break
-        else:
-            return {"status": "rejected", "usage": usage, "last_output": last,
-                    "reason": f"turn {j}: after {args.attempts} attempts the output is not <reasoning>..</reasoning>"
-                              f"<answer>..</answer> with the original answer {answer!r}"}
-    return {"status": "done", "record": out, "usage": usage}
-
-
-def _done_ids(path) -> set:
-    """Ids already written to a JSONL output; a half-written last line (from a kill) is cut off first."""
-    if not os.path.isfile(path):
-        return set()
-    with open(path, "rb+") as f:
-        data_ = f.read()
-        if data_ and not data_.endswith(b"\n"):
-            f.truncate(data_.rfind(b"\n") + 1)
-            data_ = data_[:data_.rfind(b"\n") + 1]
-    return {json.loads(line)["id"] for line in data_.decode("utf-8").splitlines() if line.strip()}
-
-
-def add_think_args(p):
-    p.add_argument("--data", required=True, action="append", help="conversation file (JSON list or JSONL), repeatable")
-    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the data "
-                                                      "file's folder)")
-    p.add_argument("--out", required=True, help="output JSONL; OUT minus .jsonl + .rejected.jsonl / .failed.jsonl")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI's)")
-    p.add_argument("--model", default="gpt-4.1-mini")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=5, help="retries of a request on 429/5xx/timeout")
-    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each retry")
-    p.add_argument("--attempts", type=int, default=3, help="tries per turn before an answer that disagrees "
-                                                           "with the original is rejected")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--image-max-side", type=int, default=1024, help="images are sent downscaled to this side")
-    p.add_argument("--limit", type=int, default=None, help="process at most this many new records")
-
-
-def run_think(args) -> dict:
-    """Write reasoning answers (VHM-Instruct-Think) for conversation records with an OpenAI-compatible model."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-    import openai  # only this command needs it
-    stem = args.out[:-len(".jsonl")] if args.out.endswith(".jsonl") else args.out
-    rejected_path, failed_path = stem + ".rejected.jsonl", stem + ".failed.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    # Resumable: done and rejected ids are final; failed ones (transient errors) are tried again.
-    skip = _done_ids(args.out) | _done_ids(rejected_path)
-    todo = []
-    for path in args.data:
-        root = args.image_root if args.image_root is not None else os.path.dirname(os.path.abspath(path))
-        for k, (rec, where) in enumerate(read_records(path)):
-            rid = rec.get("id", f"{os.path.basename(path)}:{k}")
-            if rid not in skip:
-                todo.append((rid, rec, where, root))
-    todo = todo[:args.limit] if args.limit is not None else todo
-    key = os.environ.get("OPENAI_API_KEY") or ("EMPTY" if args.base_url else None)
-    if key is None:
-        raise SystemExit("set OPENAI_API_KEY (or give --base-url for an endpoint that needs no key)")
-    client = openai.OpenAI(base_url=args.base_url, api_key=key, timeout=args.timeout, max_retries=0)
-    summary = {"skipped_done": len(skip), "done": 0, "rejected": 0, "failed": 0, "prompt_tokens": 0,
-               "completion_tokens": 0}
-    failed = []
-    with open(args.out, "a", encoding="utf-8") as out, open(rejected_path, "a", encoding="utf-8") as rej, \
-            ThreadPoolExecutor(max(1, args.concurrency)) as pool:
-        futures = {pool.submit(think_one, client, rec, where, root, args): rid for rid, rec, where, root in todo}
-        try:
-            for fut in as_completed(futures):
-                rid, res = futures[fut], fut.result()
-                summary[res["status"]] += 1
-                summary["prompt_tokens"] += res["usage"][0]
-                summary["completion_tokens"] += res["usage"][1]
-                if res["status"] == "done":
-                    out.write(json.dumps({**res["record"], "id": rid}, ensure_ascii=False) + "\n")
-                    out.flush()  # a whole line at a time: a kill loses at most the record in flight
-                elif res["status"] == "rejected":
-                    rej.write(json.dumps({"id": rid, "reason": res["reason"], "last_output": res["last_output"]},
-                                         ensure_ascii=False) + "\n")
-                    rej.flush()
-                else:
-                    failed.append({"id": rid, "reason": res["reason"]})
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            print("interrupted: finished records are saved; run the same command again to resume", file=sys.stderr)
-            raise
-    with open(failed_path, "w", encoding="utf-8") as f:  # this run's failures; the next run retries them
-        f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in failed)
-    summary["total_tokens"] = summary["prompt_tokens"] + summary["completion_tokens"]
-    print(json.dumps(summary))
-    for x in failed[:5]:
-        print(f"failed {x['id']}: {x['reason']}", file=sys.stderr)
-    return summary
-
-
-# --- Constants the synthetic world (synth.py) shares with the rest: the chat template and task prompts ---
-
-# Qwen2-VL-Instruct's chat template (a data file of the checkpoint), written into the tiny checkpoints.
-QWEN2VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 # Training prompt around a benchmark's bare question, by task type: a VHM tag first, then a short answer
 # instruction. Evaluation files keep the bare question; evaluate.py wraps it with this same wording.
 TASK_PROMPTS = {"cls": "{CLS} {q}\nAnswer with the name of one scene class.",
                 "vqa": "{VQA} {q}\nAnswer with a single word or phrase.", "bbox": "{VG} {q}",
                 "mcq": "{q}\nAnswer with the letter of the correct option.", "open": "{q}"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: `python data.py think | synth | tiny ...`
-# ----------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    import argparse
-    import synth  # imported here: synth.py builds on this file
-    commands = {"think": (add_think_args, run_think), "synth": (synth.add_synth_args, synth.run_synth),
-                "tiny": (synth.add_tiny_args, synth.run_tiny)}  # name: (add_arguments(parser), run(args))
-    ap = argparse.ArgumentParser(description="TinyRS data tools.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name, (add_arguments, run) in commands.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip().split("\n")[0])
-        add_arguments(p)
-        p.set_defaults(_run=run)
-    args = ap.parse_args(argv)
-    return args._run(args)
-
-
-if __name__ == "__main__":
-    main()

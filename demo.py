@@ -2,7 +2,7 @@
 
     python demo.py --out runs/demo [--seed 0] [--quick] [--nproc 2]      (`make demo` runs this)
 
-Why a separate file: data.py, train_sft.py, train_grpo.py and evaluate.py are each one tool with its own
+Why a separate file: synth.py, train_sft.py, train_grpo.py and evaluate.py are each one tool with its own
 flags; the recipe is the order they run in and the settings that make a tiny model learn on synthetic data
 in minutes. This is the one place that holds both: synth -> tiny model -> P (pre-training) -> S (SFT) ->
 C (CoT SFT) -> R (GRPO) -> evaluation of every stage -> OUT/results.md, OUT/results.json, OUT/loss.png and
@@ -35,7 +35,8 @@ SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "w
               "warmup_ratio": 0.05, "weight_decay": 0.0}
 
 # Flags of each tool, by step (snake_case -> --kebab-case; True -> a bare flag), tuned so that on 2 CPU cores
-# the whole demo takes 10-16 minutes (by the load) and every stage shows its effect (numbers in issue 6's note). The
+# the whole demo takes 10-16 minutes (by the load) and every stage shows its effect (seed 0: S lifts classification
+# from 0 to 53%, C brings the think format to 99%, R raises GRPO's mean reward from 0.77 to 0.89). The
 # vision tower starts from random weights, so it trains at the LLM's lr (the paper's 2e-6 is for a trained one);
 # a tiny model wants a far higher lr than the paper's 1e-5 for P, S and C.
 FULL = {
@@ -116,11 +117,11 @@ def train_stages(out: Path, cfg: dict, seed: int, nproc: int, times: dict) -> se
     synth, tiny = out / "synth", out / "tiny"
     if not (synth / "meta.json").exists():  # written last
         log("synth: drawing the synthetic remote-sensing world")
-        times["synth"] = run("synth", ["data.py", "synth", "--out", synth, "--seed", seed, *flags(cfg["synth"])], out)
+        times["synth"] = run("synth", ["synth.py", "synth", "--out", synth, "--seed", seed, *flags(cfg["synth"])], out)
         ran.add("synth")
     if ran or not (tiny / "example.png").exists():  # written after the checkpoint
         log("tiny: building the tiny Qwen2-VL and its tokenizer")
-        times["tiny"] = run("tiny", ["data.py", "tiny", "--out", tiny, "--seed", seed, *flags(cfg["tiny"])], out)
+        times["tiny"] = run("tiny", ["synth.py", "tiny", "--out", tiny, "--seed", seed, *flags(cfg["tiny"])], out)
         ran.add("tiny")
     for stage, script, data, start in STAGES:
         final = out / stage / "final"  # saved atomically: there means complete

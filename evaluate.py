@@ -12,7 +12,8 @@ the file's first human turn without its <image> placeholder; think mode adds the
 (data.REASONING_SYSTEM_PROMPT), as the public R1 run did. --prompts ours wraps q in data.TASK_PROMPTS, the
 wording of our own SFT/GRPO data. --mode qwen uses the base model's wording (QWEN below) either way.
 
-Benchmark files follow the RSRM layout (REFERENCE.md §3). Each task writes OUT/<task>.jsonl as it goes
+Benchmark files follow the RSRM/ScoreRS layout (a JSON list of {"image", "image_path"?, "conversations": [human,
+gpt], "size"?, "type"?}; images in the folder named after the file). Each task writes OUT/<task>.jsonl as it goes
 (a header line with the run's settings, then one line per record: the exact prompt text in "prompt", raw
 output in "pred", parsed prediction, score, time) and resumes from it; OUT/metrics.json and OUT/results.md
 summarise. Text accuracy is reported twice: strict (normalised exact match; empty is wrong) and lenient, the
@@ -37,7 +38,6 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +45,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint as CK
 from data import REASONING_SYSTEM_PROMPT, TASK_PROMPTS, Processor, load_image
+from distributed import teardown_distributed
+from model import DTYPES, pick_dtype
 from rewards import closed_match, extract_answer, iou, parse_boxes
+from training import PeakMemory
 
 TASKS = {  # name: (file stem under --data-root, task type, group), in Table I's order
     "AID": ("cls_AID", "cls", "classification"),
@@ -314,31 +318,6 @@ def zoom_crop(box, size, min_side: int, margin: float = 0.25) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Running a model
-class PeakMemory:
-    """Peak memory since reset(): CUDA's allocator peak, or the RSS sampled every 5 ms (ru_maxrss is a
-    process-lifetime peak, useless to compare two modes run in one process)."""
-
-    def __init__(self, device):
-        self.cuda, self.peak, self.stopped = str(device).startswith("cuda"), 0, False
-        if not self.cuda and os.path.exists("/proc/self/statm"):
-            threading.Thread(target=self._poll, daemon=True).start()
-
-    def _poll(self):
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self.stopped:
-            with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            time.sleep(0.005)
-
-    def reset(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        self.peak = 0
-
-    def gb(self) -> float:
-        return (torch.cuda.max_memory_allocated() if self.cuda else self.peak) / 2 ** 30
-
-
 @dataclass
 class Run:
     model: object
@@ -666,7 +645,7 @@ def parse_args(argv):
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip records whose image is missing or unreadable (a warning each; counted in\n"
                          "n_skipped) instead of stopping")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
     if a.task_file and len(a.task_type) not in (1, len(a.task_file)):
@@ -702,7 +681,6 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     jobs = task_list(a)
     from PIL import Image
-    from model import Qwen2VL
     Image.MAX_IMAGE_PIXELS = None  # benchmark files are trusted, and ultra-high-resolution scenes are the point
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = a.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
@@ -711,10 +689,9 @@ def main(argv=None) -> int:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    dtype = pick_dtype(a.dtype, device)
     proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
-    model = Qwen2VL.from_pretrained(a.model, dtype=dtype, device=device)
+    model = CK.load(a.model, dtype=dtype, device=device)
     model_id = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
     run = Run(model, proc, prompts=a.prompts, skip_bad=a.skip_bad, batch_size=a.batch_size, zoom=a.zoom,
               rank=rank, world=world, mem=PeakMemory(device))
@@ -745,9 +722,8 @@ def main(argv=None) -> int:
         text = f"{model_id} ({meta['dtype']}, {device}, batch {a.batch_size})\n\n" + speed_table(results)
         (Path(a.out) / "speed.md").write_text(text)
         print(text)
-    run.mem.stopped = True
+    run.mem.stop()
     if world > 1:
-        from train_sft import teardown_distributed
         teardown_distributed()  # a barrier first: rank 0 may still be writing reports
     return 0
 

@@ -1,21 +1,17 @@
-"""Qwen2-VL in plain PyTorch: vision tower, patch merger, Qwen2 decoder with M-RoPE, KV cache, generation,
-and loading/saving of Hugging Face checkpoints (safetensors only).
+"""Qwen2-VL in plain PyTorch: configuration, vision tower, patch merger, Qwen2 decoder with M-RoPE, KV cache,
+sampling and generation. It imports nothing else of this project; checkpoint files are checkpoint.py's.
 
 Module and parameter names follow the original checkpoint layout (`model.layers.0.self_attn.q_proj.weight`,
 `visual.blocks.0.attn.qkv.weight`, ...), so a state dict maps onto a checkpoint with no renaming table.
-
-    python model.py --model Qwen/Qwen2-VL-2B-Instruct --image scene.png "How many ships are there?"
+The facts it implements: the 2B has 28 decoder layers of width 1536 (12 query heads, 2 key/value heads of 128,
+SwiGLU MLP of 8960, RMSNorm, rotary theta 1e6 split 16/24/24 between the time, height and width axes), and a
+32-block vision tower of width 1280 (16 heads, QuickGELU MLP of ratio 4, LayerNorm, 2-D rotary on the patch
+row and column) over 14x14 patches of 2-frame clips, whose 2x2 neighbouring patches the merger folds into one
+language token (LayerNorm, 5120 -> 5120 -> GELU -> 1536). The embedding and the output head are tied.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import shutil
-import struct
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -144,6 +140,14 @@ class Qwen2VLConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared pieces
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, device) -> torch.dtype:
+    """A --dtype flag's value: "auto" is bf16 on GPU and fp32 on CPU, else a name in DTYPES."""
+    return (torch.bfloat16 if str(device).startswith("cuda") else torch.float32) if name == "auto" else DTYPES[name]
+
 
 # Under inference mode (generate: evaluation, GRPO rollouts, the CLI) CPU fp32 matrix products run on oneDNN
 # rather than the BLAS behind F.linear: on the CPU we measured (AMD EPYC, 2 cores), MKL reached ~20 GB/s on the
@@ -338,17 +342,19 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.kv_heads * self.hd)
         self.o_proj = Linear(self.heads * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, decode: bool = False):
+        """Self-attention over x; with `cache`, the prefill (decode False: x is the prompt, its keys and values are
+        stored) or a decode step (decode True: x is the new tokens, attending to the cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None and cache.prefix_valid is not None and len(cache.prefix) > layer:
+        if decode:
             out = self._decode(q, k, v, cache, layer)
         else:
-            if cache is not None:  # prefill: this is the prompt
+            if cache is not None:
                 cache.prefix.append((k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=self.kv_heads != self.heads)
@@ -400,8 +406,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, decode=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, decode)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -594,17 +600,40 @@ class Qwen2VL(nn.Module):
         mask = None
         if attention_mask is not None and not bool((attention_mask == 1).all()):
             mask = attention_mask_4d(attention_mask)
-        for i, layer in enumerate(self.model.layers):
-            if self.grad_ckpt and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask)
-        x = self.model.norm(x)
+        x = self.model.norm(self.run_decoder(x, cos, sin, mask))
         if targets is not None:  # inside forward, so a sharded lm_head is gathered like every other weight
             return token_logprobs(x, self.lm_head.weight, targets, chunk_size)
         return x if return_hidden else self.lm_head(x)
 
+    def run_decoder(self, x, cos, sin, mask, cache: KVCache | None = None, decode: bool = False):
+        """The decoder stack, before the final norm: a forward (activation-checkpointed when on and training), the
+        prefill that fills `cache`, or one decode step that reads it."""
+        for i, layer in enumerate(self.model.layers):
+            if self.grad_ckpt and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, decode)
+        return x
+
     # -- generation --------------------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, pixel_values, image_grid_thw, position_ids, cache: KVCache):
+        """Run the (left-padded) prompts once, storing their keys and values in `cache`; next-token logits [B, V]."""
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
+        mask = None if bool(attention_mask.all()) else attention_mask_4d(attention_mask)
+        x = self.run_decoder(x, cos, sin, mask, cache)
+        cache.prefix_valid = attention_mask.bool()
+        return self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
+
+    def decode_step(self, tokens, positions, cache: KVCache):
+        """One new token per row ([rows]) at `positions` ([rows], equal on the three M-RoPE axes) against the
+        cache; next-token logits [rows, V]."""
+        x = self.model.embed_tokens(tokens)[:, None]
+        cos, sin = mrope_cos_sin(positions.view(1, -1, 1).expand(3, -1, 1), self.config, x.dtype)
+        x = self.run_decoder(x, cos, sin, None, cache, decode=True)
+        cache.n += 1
+        return self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
+
     def default_eos(self):
         return list(self.generation_eos or self.config.eos_token_id)
 
@@ -642,18 +671,11 @@ class Qwen2VL(nn.Module):
         if max_new_tokens == 0:
             return (out, logps) if return_logprobs else out
 
-        # prefill: the prompts once
         kvh, hd, L = c.num_key_value_heads, c.head_dim, c.num_hidden_layers
         cache = KVCache(prefix=[], prefix_valid=None,
                         k=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev),
                         v=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev), group=G)
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
-        cos, sin = mrope_cos_sin(pos, c, x.dtype)
-        mask = None if bool(attention_mask.all()) else attention_mask_4d(attention_mask)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
-        cache.prefix_valid = attention_mask.bool()
-        logits = self.lm_head(self.model.norm(x[:, -1:]))[:, 0]  # [B, V]
+        logits = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, pos, cache)
         # Image/video placeholders stand for vision features: a generated one could not be fed back (the update
         # forward of GRPO would look for its image), so they are never sampled.
         never = torch.tensor([c.image_token_id, c.video_token_id], device=dev)
@@ -665,7 +687,8 @@ class Qwen2VL(nn.Module):
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
         steps = 0
         for step in range(max_new_tokens):
-            tok, lp = sample_tokens(logits, temperature, top_p, top_k, generator, gens, G, return_logprobs, never)
+            tok, lp = sample_tokens(logits, temperature, top_p, top_k, generator=generator, generators=gens, group=G,
+                                    want_logprobs=return_logprobs, banned=never)
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             out[:, step] = tok
             if return_logprobs:
@@ -674,51 +697,35 @@ class Qwen2VL(nn.Module):
             steps = step + 1
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            x = self.model.embed_tokens(tok)[:, None]
-            p = (next_pos + step).view(1, -1, 1).expand(3, -1, 1)
-            cos, sin = mrope_cos_sin(p, c, x.dtype)
-            for i, layer in enumerate(self.model.layers):
-                x = layer(x, cos, sin, None, cache, i)
-            cache.n += 1
-            logits = self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
+            logits = self.decode_step(tok, next_pos + step, cache)
         out = out[:, :steps]
         return (out, logps[:, :steps]) if return_logprobs else out
 
-    # -- checkpoints -------------------------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Qwen2VL":
-        """A local folder or a hub id (downloaded with huggingface_hub only when `path` is not a folder).
-        device="meta": the model's structure, configuration and generation settings only; no weight is read
-        (ranks that receive their FSDP shards from rank 0 start from it)."""
-        folder = resolve_checkpoint(path)
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.exists(cfg_path):
-            raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
-        with open(cfg_path) as f:
-            config = Qwen2VLConfig.from_dict(json.load(f), cfg_path)
+    def empty(cls, config: Qwen2VLConfig, dtype=torch.float32, device="cpu") -> "Qwen2VL":
+        """The model with uninitialised storage in `dtype` on `device` (on "meta": no storage at all), tied head
+        included: built on the meta device first, so no throw-away initialisation ever runs."""
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype).to_empty(device=device)  # storage in the target dtype, uninitialised
+        model = model.to(dtype).to_empty(device=device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        if torch.device(device).type != "meta":
-            load_weights(model, folder)
-        model.source_dir = folder
-        gen_path = os.path.join(folder, "generation_config.json")
-        if os.path.exists(gen_path):
-            with open(gen_path) as f:
-                g = json.load(f).get("eos_token_id")
-            if g is not None:
-                model.generation_eos = g if isinstance(g, list) else [g]
-        return model.eval()
+        return model
 
-    def save_pretrained(self, out_dir, state_dict=None, max_shard_bytes=5 * 1024 ** 3):
-        """Write an HF-layout checkpoint atomically: a temporary sibling folder, then a rename.
 
-        state_dict: tensors to write (e.g. gathered from FSDP shards); default this module's own."""
-        save_checkpoint(self.config, state_dict if state_dict is not None else self.state_dict(), out_dir,
-                        source_dir=self.source_dir, max_shard_bytes=max_shard_bytes,
-                        generation_eos=self.generation_eos)
+def init_weights(model, seed: int = 0, std: float = 0.02):
+    """N(0, std) weight matrices, zero biases, unit norm scales, from one seeded generator (same seed, same bytes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # RMSNorm / LayerNorm scales
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
 
 
 def _chunk_logprobs(h, weight, tgt):
@@ -745,10 +752,12 @@ def token_logprobs(hidden, weight, targets, chunk_size=1024):
     return out
 
 
-def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, want_logprobs, banned=None):
+def sample_tokens(logits, temperature=0.0, top_p=1.0, top_k=0, *, generator=None, generators=None, group=1,
+                  want_logprobs=False, banned=None):
     """Next token per row (greedy when temperature is 0) and, if asked, its log-probability under
     softmax(logits / temperature). `banned` token ids are never chosen (their mass still counts in the
-    log-probability, so it matches a plain forward pass of the model)."""
+    log-probability, so it matches a plain forward pass of the model). `generators`: one per prompt, each drawing
+    for its `group` consecutive rows; else `generator` for all rows."""
     logits = logits.float()
     logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
     if temperature <= 0:
@@ -766,315 +775,11 @@ def sample_tokens(logits, temperature, top_p, top_k, generator, gens, group, wan
             scores = scores.scatter(-1, order, sorted_s.masked_fill(drop, float("-inf")))
         # Exponential race: argmax(log p - log E), E ~ Exp(1), draws from softmax(scores). Its noise comes from
         # one generator per prompt when given, so a prompt's samples do not depend on the rest of the batch.
-        if gens is not None:
+        if generators is not None:
             noise = torch.cat([torch.empty(group, scores.shape[-1], device=scores.device).exponential_(generator=g)
-                               for g in gens])
+                               for g in generators])
         else:
             noise = torch.empty_like(scores).exponential_(generator=generator)
         tok = (scores - noise.log()).argmax(-1)
     lp = logp.gather(-1, tok[:, None])[:, 0] if want_logprobs else None
     return tok, lp
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-def resolve_checkpoint(path, local_files_only: bool = False) -> str:
-    """The local folder of a checkpoint: `path` itself, or a hub id's snapshot (downloaded unless
-    local_files_only, which reads only what an earlier download left in the cache)."""
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path):
-        raise ValueError(f"{path} is a file; give the checkpoint folder (with config.json) or a hub id")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"],
-                                 local_files_only=local_files_only)
-    except Exception as e:  # offline, unknown repo, ...: say what was tried
-        raise FileNotFoundError(f"{path!r} is not a local folder and could not be fetched from the hub: {e}") from e
-
-
-def canonical_key(k: str) -> str:
-    """Newer exports nest the decoder under model.language_model and the tower under model.visual."""
-    if k.startswith("model.language_model."):
-        return "model." + k[len("model.language_model."):]
-    if k.startswith("model.visual."):
-        return "visual." + k[len("model.visual."):]
-    if k.startswith("language_model.model."):
-        return "model." + k[len("language_model.model."):]
-    if k.startswith("language_model.lm_head."):
-        return k[len("language_model."):]
-    return k
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def read_safetensors_header(path):
-    """(tensor entries, byte offset of the tensor data) of a .safetensors file that the safetensors library has
-    validated first: the header parses, each tensor's byte range fits its shape and dtype, and the ranges cover
-    the data exactly. A damaged file (a download cut short, say) raises ValueError naming the file and, where
-    the header still reads, the first tensor it loses: it never loads as zeros or garbage."""
-    from safetensors import safe_open
-    try:
-        with safe_open(os.fspath(path), framework="pt"):
-            pass  # maps the file and checks the header against its size; touches no tensor data
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # safetensors' own error type; its message says what is inconsistent
-        raise ValueError(f"{path}: damaged safetensors file ({e}){_first_bad_tensor(path)}; download or save it "
-                         f"again") from None
-    return _raw_header(path)
-
-
-def _raw_header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _first_bad_tensor(path) -> str:
-    """Where a file that safetensors refused goes wrong, told by tensor, for the error message."""
-    try:
-        header, base = _raw_header(path)
-        data = os.path.getsize(path) - base
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    except Exception:  # noqa: BLE001 - any failure here means the header itself is unreadable
-        return ": its header is cut short or unreadable"
-    for name, meta in entries:
-        start, end = meta["data_offsets"]
-        if end > data:
-            return (f": tensor {name} needs data bytes {start}..{end} but the file holds {data} "
-                    f"({sum(m['data_offsets'][1] > data for _, m in entries)} tensors cut off)")
-        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-        if dtype is not None and math.prod(meta["shape"]) * dtype.itemsize != end - start:
-            return f": tensor {name} has {end - start} bytes, not what shape {meta['shape']} of {meta['dtype']} needs"
-    return ""
-
-
-def iter_safetensors(path, wanted=None, header=None):
-    """(name, tensor) for each tensor of a .safetensors file, read with plain reads; `header`: what
-    read_safetensors_header(path) returned, if the caller has it already.
-
-    Reading instead of mapping the file keeps the loader's peak memory at the model plus one tensor; when the
-    tensor is consumed before the next is read, nothing accumulates (a mapped file's pages would count too)."""
-    header, base = header or read_safetensors_header(path)
-    with open(path, "rb") as f:
-        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if wanted is not None and name not in wanted:
-                continue
-            start, end = meta["data_offsets"]
-            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
-            buf = bytearray(end - start)
-            f.seek(base + start)
-            if f.readinto(buf) != len(buf):  # validated above: only a file changed while loading gets here
-                raise ValueError(f"{path}: tensor {name}: the file ended early; was it rewritten while loading?")
-            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            yield name, t.view(meta["shape"])
-
-
-def checkpoint_dtype(folder) -> torch.dtype:
-    """The floating dtype most of a checkpoint's weights are stored in (by bytes), read from the file headers."""
-    total = {}
-    for path in checkpoint_files(folder):
-        for meta in read_safetensors_header(path)[0].values():
-            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
-            if dtype is not None and dtype.is_floating_point:
-                total[dtype] = total.get(dtype, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
-    if not total:
-        raise ValueError(f"{folder}: no floating-point weights")
-    return max(total, key=total.get)
-
-
-def checkpoint_files(folder):
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, fn) for fn in files]
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.exists(single):
-        return [single]
-    found = sorted(fn for fn in os.listdir(folder) if fn.endswith(".safetensors"))
-    if not found:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights (pickled .bin checkpoints are not loaded: "
-                                f"convert them to safetensors first)")
-    return [os.path.join(folder, fn) for fn in found]
-
-
-def weight_plan(model: Qwen2VL, folder) -> list:
-    """What to read for `model` from the checkpoint in `folder`, decided from the file headers alone (every file
-    validated first; no tensor data read): [(file, header, {name in the file: parameter name})]. The model may be
-    on the meta device. One error lists every missing, unexpected and mis-shaped tensor."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    tied = model.config.tie_word_embeddings
-    need = set(params) - ({"lm_head.weight"} if tied else set())
-    seen, unexpected, bad_shape, plan = set(), [], [], []
-    for path in checkpoint_files(folder):
-        header = read_safetensors_header(path)
-        wanted = {}
-        for raw, meta in header[0].items():
-            k = canonical_key(raw)
-            if k not in params or (tied and k == "lm_head.weight"):
-                if not (tied and k == "lm_head.weight"):
-                    unexpected.append(raw)
-                continue
-            seen.add(k)  # a mis-shaped tensor is reported as such rather than as missing
-            if list(params[k].shape) != list(meta["shape"]):
-                bad_shape.append(f"{raw}: checkpoint {list(meta['shape'])}, model {list(params[k].shape)}")
-            else:
-                wanted[raw] = k
-        plan.append((path, header, wanted))
-    missing = sorted(need - seen)
-    if missing or unexpected or bad_shape:
-        def show(xs):
-            return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
-        lines = [f"{folder}: checkpoint does not match the Qwen2-VL config"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {show(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {show(sorted(unexpected))}")
-        if bad_shape:
-            lines.append(f"  wrong shape ({len(bad_shape)}): {show(bad_shape)}")
-        raise ValueError("\n".join(lines))
-    return plan
-
-
-def read_weights(plan):
-    """(parameter name, tensor) for every tensor of a weight_plan, read one at a time, in file order."""
-    for path, header, wanted in plan:
-        for raw, t in iter_safetensors(path, wanted, header):
-            yield wanted[raw], t
-
-
-def load_weights(model: Qwen2VL, folder):
-    """Copy every checkpoint tensor into the (already allocated) parameters."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for k, t in read_weights(weight_plan(model, folder)):
-            params[k].copy_(t)
-
-
-CARRIED_FILES = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
-                 "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"]
-
-
-def save_checkpoint(config: Qwen2VLConfig, state_dict, out_dir, source_dir=None, max_shard_bytes=5 * 1024 ** 3,
-                    generation_eos=None, extra_files=None):
-    """HF layout (config.json, model.safetensors or shards + index, tokenizer/preprocessor files), atomically."""
-    from safetensors.torch import save_file
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    try:
-        tensors = {}
-        for k, t in state_dict.items():
-            if config.tie_word_embeddings and k == "lm_head.weight":
-                continue  # tied: the checkpoint keeps one copy, as the original does
-            tensors[k] = t.detach().to("cpu").contiguous()
-        dtype = next(iter(tensors.values())).dtype
-        shards, cur, size = [], {}, 0
-        for k in sorted(tensors):
-            nbytes = tensors[k].numel() * tensors[k].element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = tensors[k]
-            size += nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        cfg = config.to_dict()
-        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
-               "eos_token_id": list(generation_eos or config.eos_token_id), "do_sample": False}
-        if source_dir and os.path.exists(os.path.join(source_dir, "generation_config.json")):
-            with open(os.path.join(source_dir, "generation_config.json")) as f:
-                gen = {**json.load(f), **{k: gen[k] for k in ("eos_token_id",)}}
-        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-            json.dump(gen, f, indent=2)
-        if source_dir:
-            for fn in CARRIED_FILES:
-                if os.path.exists(os.path.join(source_dir, fn)):
-                    shutil.copy2(os.path.join(source_dir, fn), os.path.join(tmp, fn))
-        for fn, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, fn), "w") as f:
-                f.write(content)
-        # mkdtemp (and safetensors) create private files; a checkpoint gets the usual umask-based modes
-        umask = os.umask(0)
-        os.umask(umask)
-        for fn in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, fn), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        # Swap in: the old folder (if any) is moved aside first, so a crash leaves either the old or the new one.
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-        os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: ask a model about an image
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Ask a Qwen2-VL / TinyRS model about an image.")
-    ap.add_argument("question", help="the question to ask")
-    ap.add_argument("--model", required=True, help="checkpoint folder or hub id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
-    ap.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
-    ap.add_argument("--system", default=None, help="system prompt (default: the checkpoint's default)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--min-pixels", type=int, default=None, help="override the processor's min_pixels")
-    ap.add_argument("--max-pixels", type=int, default=None, help="override the processor's max_pixels")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="auto: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    from data import Processor, load_image
-    dtype = {"auto": torch.bfloat16 if a.device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    images = [load_image(p) for p in a.image]
-    proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
-    model = Qwen2VL.from_pretrained(a.model, dtype=dtype, device=a.device)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": a.question}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                    system_prompt=a.system)
-    batch = proc(text=[text], images=images or None)
-    g = torch.Generator(device=a.device).manual_seed(a.seed)
-    new = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"],
-                         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                         generator=g)
-    print(proc.decode(new[0], skip_special_tokens=True))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,14 +2,17 @@
 
 A scene is drawn as facts first (class, land-cover layout, objects with kind, colour and pixel box) and rendered
 second. Captions, questions, reasoning and ground truth are all written from the same facts, so text and pixels
-cannot disagree. Its own file because it is a world generator, not data plumbing: data.py only dispatches its
-commands.
+cannot disagree. Its own file because it is a world generator, not data plumbing.
 
-    python data.py synth --out DIR --seed 0    # every stage's split (pretrain, SFT, CoT, GRPO, evaluation)
-    python data.py tiny --out DIR --seed 0     # a tiny random Qwen2-VL whose tokenizer is trained on this world's text
+    python synth.py synth --out DIR --seed 0    # every stage's split (pretrain, SFT, CoT, GRPO, evaluation)
+    python synth.py tiny --out DIR --seed 0     # a tiny random Qwen2-VL whose tokenizer is trained on this world's text
+
+A tiny checkpoint carries what only tiny checkpoints need: a byte-level BPE tokenizer trained here with Qwen2's
+pre-tokenizer and special tokens, and Qwen2-VL-Instruct's Jinja chat template, written as a data file.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -19,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import (DEFAULT_SYSTEM, QWEN2VL_CHAT_TEMPLATE, REASONING_SYSTEM_PROMPT, SPECIAL_TOKENS, TASK_PROMPTS,
-                  ImageProcessor, train_tokenizer)
+from data import DEFAULT_SYSTEM, REASONING_SYSTEM_PROMPT, TASK_PROMPTS, ImageProcessor, tokenizer_config
 
 SCENE_CLASSES = ("airport", "desert", "farmland", "forest", "harbor", "industrial", "parking lot", "residential")
 URBAN = frozenset({"airport", "harbor", "industrial", "parking lot", "residential"})
@@ -477,6 +479,56 @@ def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 10
 
 
 # -- tiny model ---------------------------------------------------------------------------------------------------
+# Qwen2-VL's special tokens in their checkpoint order: a tokenizer we train ourselves appends them in this
+# order after its learned vocabulary, so the real checkpoint and our tiny ones differ only by an offset.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Qwen2's pre-tokenizer split: contractions, words, single digits, punctuation runs, newlines, spaces.
+SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_tokenizer(texts, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer and special tokens, trained on `texts`.
+
+    Deterministic for the same texts. The special tokens get the ids right after the learned vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(list(texts), trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+# Qwen2-VL-Instruct's chat template, a data file of the released checkpoint, written into the tiny ones so that
+# transformers' tokenizer formats chats as ours does. data.Processor.apply_chat_template is the one implementation
+# in code; the tests check the two agree.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def tiny_config(tok, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vision_depth=4, vision_dim=128,
                 vision_heads=4):
     """A few-million-parameter Qwen2-VL with the 2B's shape ratios and the token ids of `tok`."""
@@ -498,33 +550,17 @@ def tiny_config(tok, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768
     return cfg
 
 
-def init_weights(model, seed: int = 0, std: float = 0.02):
-    """N(0, std) weight matrices, zero biases, unit norm scales, from one seeded generator (same seed, same bytes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:  # RMSNorm / LayerNorm scales
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
 def write_tiny(out: str, seed: int = 0, vocab_size: int = 1024, max_pixels: int = 28 * 28 * 64, **shape) -> int:
     """A tiny random Qwen2-VL checkpoint in HF layout, tokenizer and processor files included, plus example.png
     (a harbour scene). Returns the parameter count."""
-    from model import Qwen2VL, save_checkpoint
+    from checkpoint import save
+    from model import Qwen2VL, init_weights
     tok = train_tokenizer(synth_texts(seed), vocab_size)
-    model = init_weights(Qwen2VL(tiny_config(tok, **shape)), seed)
-    tok_cfg = {"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "eos_token": "<|im_end|>",
-               "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None, "errors": "replace",
-               "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False,
-               "chat_template": QWEN2VL_CHAT_TEMPLATE}
+    model = init_weights(Qwen2VL.empty(tiny_config(tok, **shape)), seed)
+    tok_cfg = tokenizer_config(QWEN2VL_CHAT_TEMPLATE)
     files = {"tokenizer.json": tok.to_str(pretty=True), "tokenizer_config.json": json.dumps(tok_cfg, indent=2),
              "preprocessor_config.json": json.dumps(ImageProcessor(max_pixels=max_pixels).to_dict(), indent=2)}
-    save_checkpoint(model.config, model.state_dict(), out, extra_files=files)
+    save(model.config, model.state_dict(), out, extra_files=files)
     render_scene(sample_scene(_split_rng(seed, "example"), "harbor")).save(os.path.join(out, "example.png"))
     return sum(p.numel() for p in model.parameters())
 
@@ -559,3 +595,18 @@ def run_tiny(a):
     n = write_tiny(a.out, a.seed, a.vocab_size, a.max_pixels, hidden=a.hidden, layers=a.layers,
                    intermediate=a.intermediate, vision_depth=a.vision_depth)
     print(f"wrote {a.out}: tiny Qwen2-VL, {n / 1e6:.2f}M parameters")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, add_arguments, run in (("synth", add_synth_args, run_synth), ("tiny", add_tiny_args, run_tiny)):
+        p = sub.add_parser(name, help=run.__doc__.strip().split("\n")[0], description=run.__doc__.strip())
+        add_arguments(p)
+        p.set_defaults(_run=run)
+    args = ap.parse_args(argv)
+    return args._run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,8 +8,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import synth  # noqa: E402
 
-QWEN2VL_CHAT_TEMPLATE = data.QWEN2VL_CHAT_TEMPLATE
+QWEN2VL_CHAT_TEMPLATE = synth.QWEN2VL_CHAT_TEMPLATE
 
 CORPUS = [
     "You are a helpful assistant. Describe the image. What is in this aerial scene?",
@@ -20,12 +21,12 @@ CORPUS = [
 
 
 def build_tokenizer():
-    return data.train_tokenizer(CORPUS * 4, vocab_size=512)
+    return synth.train_tokenizer(CORPUS * 4, vocab_size=512)
 
 
 def tiny_config(tok, tie=False, layers=2, vision_depth=2, hidden=64, heads=4, kv_heads=2):
     from transformers import Qwen2VLConfig
-    ids = {t: tok.token_to_id(t) for t in data.SPECIAL_TOKENS}
+    ids = {t: tok.token_to_id(t) for t in synth.SPECIAL_TOKENS}
     vocab = tok.get_vocab_size() + 3  # a few unused rows, as the real checkpoint has
     half = hidden // heads // 2
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
@@ -63,10 +64,7 @@ def write_tokenizer_files(tok, path, max_pixels=28 * 28 * 64):
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "Qwen2Tokenizer", "model_max_length": 32768, "eos_token": "<|im_end|>",
-                   "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None,
-                   "chat_template": QWEN2VL_CHAT_TEMPLATE, "errors": "replace", "add_prefix_space": False,
-                   "split_special_tokens": False, "clean_up_tokenization_spaces": False}, f, indent=2)
+        json.dump(data.tokenizer_config(QWEN2VL_CHAT_TEMPLATE), f, indent=2)
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump({"min_pixels": 56 * 56, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
                    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],

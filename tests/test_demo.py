@@ -2,7 +2,7 @@
 
 Checks the files, the table's rows and columns, and that every number in results.json is the one its source
 holds (each evaluation's metrics.json and per-record predictions, GRPO's metrics.jsonl); not the learning
-claims, which need the full run (numbers in issue 6's note)."""
+claims, which need the full run (`python demo.py` without --quick)."""
 import json
 import os
 import shutil
@@ -99,9 +99,9 @@ def test_rerun_skips_everything_and_refuses_other_settings(quick, capsys):
 
 
 def test_rerun_of_a_stage_is_identical(quick, tmp_path, capsys):
-    """Issue 6, acceptance 3 (same seed, same table), on the stage that samples: a copy of the run without
-    grpo/ retrains R (and only R, then its evaluation) to the same bytes and the same table. The full run was
-    checked twice from scratch (issue 6's note); here a cheaper check that stays in the suite."""
+    """Same seed, same table, on the stage that samples: a copy of the run without grpo/ retrains R (and only
+    R, then its evaluation) to the same bytes and the same table. Two full runs from scratch give the same table
+    and the same weights at every stage; that takes too long for the suite, so this cheaper check stays in it."""
     again = tmp_path / "again"
     shutil.copytree(quick, again)
     shutil.rmtree(again / "grpo")

@@ -7,11 +7,12 @@ import textwrap
 
 import torch
 
+import checkpoint as CK
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Qwen2-VL-2B-Instruct's config.json (original flat layout), REFERENCE.md §2.
+# Qwen2-VL-2B-Instruct's config.json as released (original flat layout).
 QWEN2VL_2B = {
     "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "hidden_size": 1536,
     "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -46,7 +47,7 @@ LOAD_AND_ANSWER = textwrap.dedent("""
         return int(open("/proc/self/statm").read().split()[1]) * 4096
     base = rss()
     t = time.time()
-    m = M.Qwen2VL.from_pretrained(CKPT, dtype=torch.float32)
+    m = CK.load(CKPT, dtype=torch.float32)
     load_s = time.time() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     size = sum(p.numel() * p.element_size() for p in m.parameters())
@@ -63,20 +64,9 @@ LOAD_AND_ANSWER = textwrap.dedent("""
 
 
 def test_full_2b_builds_loads_sharded_and_answers_an_image(tmp_path):
-    cfg = M.Qwen2VLConfig.from_dict(QWEN2VL_2B)
-    with torch.device("meta"):
-        m = M.Qwen2VL(cfg)
-    m = m.to(torch.bfloat16).to_empty(device="cpu")
-    m.lm_head.weight = m.model.embed_tokens.weight
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q" in name:
-                p.fill_(1.0) if name.endswith("weight") else p.zero_()
-            else:
-                p.normal_(0, 0.02, generator=g)
+    m = M.init_weights(M.Qwen2VL.empty(M.Qwen2VLConfig.from_dict(QWEN2VL_2B), torch.bfloat16))
     ckpt = tmp_path / "qwen2vl-2b-random"
-    m.save_pretrained(ckpt, max_shard_bytes=1024 ** 3)
+    CK.save_model(m, ckpt, max_shard_bytes=1024 ** 3)
     del m
     index = json.load(open(ckpt / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) >= 4

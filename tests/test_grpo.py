@@ -116,8 +116,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import data as D  # noqa: E402
+import checkpoint as CK  # noqa: E402
 import model as M  # noqa: E402
 import rewards as RW  # noqa: E402
+import distributed as DI  # noqa: E402
+import rl_data as RD  # noqa: E402
+import synth  # noqa: E402
 import train_sft as S  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,9 +134,9 @@ def weak(tmp_path_factory):
     completions earn some reward and some not, so the advantages are not all zero."""
     root = tmp_path_factory.mktemp("grpo")
     syn, tiny = str(root / "syn"), str(root / "tiny")
-    D.main(["synth", "--out", syn, "--seed", "5", "--n-pretrain", "4", "--n-sft", "4", "--questions-per-image", "2",
-            "--n-grpo", "4", "--n-eval", "4"])
-    D.main(["tiny", "--out", tiny])
+    synth.main(["synth", "--out", syn, "--seed", "5", "--n-pretrain", "4", "--n-sft", "4", "--questions-per-image",
+                "2", "--n-grpo", "4", "--n-eval", "4"])
+    synth.main(["tiny", "--out", tiny])
     cot = json.load(open(os.path.join(syn, "cot.json")))[:8]
     with open(root / "cot8.json", "w") as f:
         json.dump(cot, f)
@@ -163,17 +167,17 @@ def read_jsonl(path):
 def one_process(weak, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo1") / "run"
     made = []
-    real = M.Qwen2VL.from_pretrained
+    real = CK.load
 
     def keep(*a, **k):
         m = real(*a, **k)
         made.append(m)
         return m
-    M.Qwen2VL.from_pretrained = keep
+    CK.load = keep
     try:
         G.main(grpo_args(weak, out))
     finally:
-        M.Qwen2VL.from_pretrained = real
+        CK.load = real
     return out, made
 
 
@@ -184,10 +188,10 @@ def test_rewards_vary_and_the_policy_moves_while_the_reference_stays(weak, one_p
     assert any(s["reward_std"] > 0 for s in steps)  # some groups carry a learning signal
     assert steps[0]["kl"] == 0.0 and steps[-1]["kl"] > 0  # policy == reference until the first update
     policy, ref = made[0], made[1]
-    start = M.Qwen2VL.from_pretrained(weak["model"]).state_dict()
+    start = CK.load(weak["model"]).state_dict()
     ref_sd = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in ref.state_dict().items()}
     assert all(torch.equal(ref_sd[k], start[k]) for k in start)  # the reference never changes
-    final = M.Qwen2VL.from_pretrained(out / "final").state_dict()
+    final = CK.load(out / "final").state_dict()
     assert any(not torch.equal(final[k], start[k]) for k in start)  # the policy did
     comps = read_jsonl(out / "completions.jsonl")
     assert len(comps) == 3 * 4 * 4
@@ -216,7 +220,7 @@ def test_two_ranks_equal_one_process(weak, one_process, tmp_path):
 
 def weak_batch(weak, n=4):
     proc = D.Processor.from_pretrained(weak["model"], 56 * 56, 28 * 28 * 64)
-    recs = G.load_rl_records([weak["data"]], weak["images"])
+    recs = RD.load_rl_records([weak["data"]], weak["images"])
     return proc, recs, G.encode_prompts(proc, recs[:n], D.REASONING_SYSTEM_PROMPT)
 
 
@@ -224,16 +228,16 @@ def test_bf16_fsdp_rollout_equals_the_plain_bf16_model(weak):
     """Under the bf16 policy the rollout must see its prompt: FSDP once rebuilt each layer's inputs (the KV cache
     with them), so decoding attended to nothing of the prompt or image."""
     proc, recs, batch = weak_batch(weak)
-    plain = M.Qwen2VL.from_pretrained(weak["model"], dtype=torch.bfloat16)
+    plain = CK.load(weak["model"], dtype=torch.bfloat16)
     want = G.rollout(plain, batch, 2, 24, 0.0, [0] * 4, plain.default_eos(), torch.device("cpu"))
     assert len({tuple(r) for r in want.tolist()}) > 2  # the answers depend on the prompt: the test has teeth
-    d = S.setup_distributed("cpu")
+    d = DI.setup_distributed("cpu")
     try:
-        sharded = S.load_sharded(weak["model"], d, bf16=True)
+        sharded = DI.load_sharded(weak["model"], d, bf16=True)
         assert sharded.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # fp32 master weights
         got = G.rollout(sharded, batch, 2, 24, 0.0, [0] * 4, plain.default_eos(), d.device)
     finally:
-        S.teardown_distributed()
+        DI.teardown_distributed()
     assert got.tolist() == want.tolist()
 
 
@@ -245,7 +249,7 @@ def test_bf16_training_logs_the_plain_bf16_completions(weak, tmp_path):
     logged = read_jsonl(out / "completions.jsonl")
     proc, recs, _ = weak_batch(weak)
     mine = [recs[i] for i in G.step_prompts(len(recs), 0, 4, seed=0)]
-    plain = M.Qwen2VL.from_pretrained(weak["model"], dtype=torch.bfloat16)
+    plain = CK.load(weak["model"], dtype=torch.bfloat16)
     tokens = G.rollout(plain, G.encode_prompts(proc, mine, D.REASONING_SYSTEM_PROMPT), 4, 48, 0.0, [0] * 4,
                        plain.default_eos(), torch.device("cpu"))
     want = {(r["id"], g): text for b, r in enumerate(mine) for g, text in
@@ -283,9 +287,9 @@ def test_bad_records_name_the_file_and_record(tmp_path):
     p = tmp_path / "rl.jsonl"
     p.write_text('{"image": "a.png", "question": "q?", "answer": "yes"}\n{"image": "b.png", "answer": "no"}\n')
     with pytest.raises(D.DataError, match=r"rl.jsonl: record 1 \(line 2\).*question"):
-        G.load_rl_records([str(p)])
+        RD.load_rl_records([str(p)])
     p.write_text('{"image": "a.png", "question": "{VG} where?", "answer": "[[1, 2, 3, 4]]"}\n')
-    assert G.load_rl_records([str(p)])[0]["answer_type"] == "box"
+    assert RD.load_rl_records([str(p)])[0]["answer_type"] == "box"
 
 
 def test_vhm_rl_conversion(tmp_path):
@@ -298,10 +302,10 @@ def test_vhm_rl_conversion(tmp_path):
         {"id": 9, "image": "z.png", "answer_type": 0,
          "conversations": [{"from": "human", "value": "<image>Describe it."}, {"from": "gpt", "value": "A port."}]},
     ]))
-    assert G.convert_vhm_rl(str(src), str(tmp_path / "rl.jsonl"))["records"] == 3
+    assert RD.convert_vhm_rl(str(src), str(tmp_path / "rl.jsonl"))["records"] == 3
     assert [(r["image"], r["answer_type"]) for r in read_jsonl(tmp_path / "rl.jsonl")] == \
            [("x.png", "box"), ("y.png", "closed"), ("z.png", "open")]   # paths as written (for --image-root)
-    recs = G.load_rl_records([str(tmp_path / "rl.jsonl")])
+    recs = RD.load_rl_records([str(tmp_path / "rl.jsonl")])
     assert [(r["question"], r["answer"], r["answer_type"]) for r in recs] == [
         ("{VG} Find the ship.", "[[10, 20, 30, 40]]", "box"), ("Is there a plane?", "Yes", "closed"),
         ("Describe it.", "A port.", "open")]
@@ -408,7 +412,7 @@ def test_public_layouts_convert(kind, tmp_path, capsys):
     assert "wrote 4 records" in printed and "closed 2" in printed and "open 1" in printed and "box 1" in printed
     assert "1 of 4 prompts carry their own system message" in printed and "--system-prompt" in printed
     assert "warning" not in printed  # every box answer is readable
-    recs = G.load_rl_records([str(out / "rl.jsonl")])  # no --image-root: paths are relative to the file
+    recs = RD.load_rl_records([str(out / "rl.jsonl")])  # no --image-root: paths are relative to the file
     assert [(r["answer_type"], r["question"], r["answer"], r["system"]) for r in recs] == PUBLIC_WANT
     embedded = 3 if kind == "jsonl" else 4
     for i, (r, (colour, size, fmt)) in enumerate(zip(recs, PUBLIC_IMAGES)):
@@ -429,7 +433,7 @@ def test_public_layouts_convert(kind, tmp_path, capsys):
 def test_unknown_answer_code_stops_conversion(kind, where, tmp_path):
     src = write_public(kind, tmp_path / "src", codes=("0", "7", "2", "1"))
     with pytest.raises(D.DataError, match=where + r": unknown answer type '7'; expected one of 0, 1, 2, open"):
-        G.convert_vhm_rl(src, str(tmp_path / "out" / "rl.jsonl"))
+        RD.convert_vhm_rl(src, str(tmp_path / "out" / "rl.jsonl"))
     assert os.listdir(tmp_path / "out") == []  # nothing half-written: no JSONL, no images, no temporaries
 
 
@@ -450,16 +454,16 @@ def test_unknown_answer_type_stops_loading(tmp_path):
     p.write_text('{"image": "a.png", "question": "q?", "answer": "yes", "answer_type": "1"}\n'
                  '{"image": "b.png", "question": "q?", "answer": "no", "answer_type": "7"}\n')
     with pytest.raises(D.DataError, match=r"rl\.jsonl: record 1 \(line 2\): unknown answer type '7'"):
-        G.load_rl_records([str(p)])
+        RD.load_rl_records([str(p)])
     p.write_text('{"image": "a.png", "question": "q?", "answer": "yes", "answer_type": 2}\n')
-    assert G.load_rl_records([str(p)])[0]["answer_type"] == "box"
+    assert RD.load_rl_records([str(p)])[0]["answer_type"] == "box"
 
 
 def test_convert_without_datasets_names_the_extra(tmp_path, monkeypatch):
     src = write_public("dataset_dict", tmp_path / "src")
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now fails, as when it is not installed
     with pytest.raises(ImportError, match=re.escape('pip install -e ".[hub-data]"')):
-        G.convert_vhm_rl(src, str(tmp_path / "rl.jsonl"))
+        RD.convert_vhm_rl(src, str(tmp_path / "rl.jsonl"))
 
 
 def test_a_records_own_system_prompt_wins(tmp_path):

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import conftest
+import ask
+import checkpoint as CK
 import model as M
 
 
@@ -59,7 +61,7 @@ def hf_logits(hf, ids, mask=None, pv=None, thw=None):
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt):
     path, hf = tiny_ckpt
-    return M.Qwen2VL.from_pretrained(path), hf
+    return CK.load(path), hf
 
 
 def masked(x, mask):
@@ -208,18 +210,18 @@ def test_top_k_and_top_p_restrict_the_support():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     for _ in range(20):
-        tok, _ = M.sample_tokens(logits, 1.0, 1.0, 3, None, None, 1, False)
+        tok, _ = M.sample_tokens(logits, 1.0, top_k=3)
         top3 = logits.topk(3, -1).indices
         assert (top3 == tok[:, None]).any(-1).all()
     probs = logits.softmax(-1)
     sp, order = probs.sort(-1, descending=True)
     keep = (sp.cumsum(-1) - sp) < 0.5
     for _ in range(20):
-        tok, _ = M.sample_tokens(logits, 1.0, 0.5, 0, None, None, 1, False)
+        tok, _ = M.sample_tokens(logits, 1.0, top_p=0.5)
         for r in range(4):
             allowed = set(order[r][keep[r]].tolist())
             assert int(tok[r]) in allowed
-    greedy, _ = M.sample_tokens(logits, 0.0, 1.0, 0, None, None, 1, False)
+    greedy, _ = M.sample_tokens(logits, 0.0)
     assert torch.equal(greedy, logits.argmax(-1))
 
 
@@ -237,7 +239,7 @@ def test_tied_head_loads_without_lm_head(tiny_tied_ckpt):
     from safetensors import safe_open
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
-    ours = M.Qwen2VL.from_pretrained(path)
+    ours = CK.load(path)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     ids, pv, thw = sample_inputs(ours.config)
     want, _ = hf_logits(hf, ids, None, pv, thw)
@@ -249,7 +251,7 @@ def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
     ours, hf = pair
     from transformers import Qwen2VLForConditionalGeneration
     out = tmp_path / "saved"
-    ours.save_pretrained(out)
+    CK.save_model(ours, out)
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left behind
     assert os.path.exists(out / "tokenizer.json") and os.path.exists(out / "preprocessor_config.json")
     back = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
@@ -257,10 +259,10 @@ def test_our_checkpoint_loads_in_transformers(pair, tmp_path):
     want, _ = hf_logits(back, ids, None, pv, thw)
     with torch.no_grad():
         got = ours(ids, None, pv, thw)
-    assert torch.equal(got, M.Qwen2VL.from_pretrained(out)(ids, None, pv, thw).detach())
+    assert torch.equal(got, CK.load(out)(ids, None, pv, thw).detach())
     assert rel_err(got, want) < 1e-5
     # saving again over the same folder replaces it whole
-    ours.save_pretrained(out)
+    CK.save_model(ours, out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(out))
 
 
@@ -311,7 +313,7 @@ def test_other_layouts_load_to_identical_logits(pair, tiny_ckpt, tmp_path, layou
         assert "text_config" not in d and "hidden_size" in d
     if layout == "sharded":
         assert len({v for v in json.load(open(os.path.join(dst, "model.safetensors.index.json")))["weight_map"].values()}) > 2
-    other = M.Qwen2VL.from_pretrained(dst)
+    other = CK.load(dst)
     ids, pv, thw = sample_inputs(ours.config)
     with torch.no_grad():
         assert torch.equal(other(ids, None, pv, thw), ours(ids, None, pv, thw))
@@ -324,18 +326,18 @@ def test_other_layouts_load_to_identical_logits(pair, tiny_ckpt, tmp_path, layou
 
 def test_our_sharded_save_round_trips(pair, tmp_path):
     ours, _ = pair
-    ours.save_pretrained(tmp_path / "s", max_shard_bytes=100_000)
+    CK.save_model(ours, tmp_path / "s", max_shard_bytes=100_000)
     index = json.load(open(tmp_path / "s" / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 2
-    back = M.Qwen2VL.from_pretrained(tmp_path / "s")
+    back = CK.load(tmp_path / "s")
     for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
 
 
 def test_load_into_bfloat16(tiny_ckpt):
     path, _ = tiny_ckpt
-    m32 = M.Qwen2VL.from_pretrained(path)
-    m16 = M.Qwen2VL.from_pretrained(path, dtype=torch.bfloat16)
+    m32 = CK.load(path)
+    m16 = CK.load(path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     ids, pv, thw = sample_inputs(m32.config)
     with torch.no_grad():
@@ -356,7 +358,7 @@ def test_missing_and_misshaped_tensors_are_listed_in_one_error(tiny_ckpt, tmp_pa
     sd["model.layers.9.extra"] = torch.ones(1)
     save_file(sd, os.path.join(dst, "model.safetensors"))
     with pytest.raises(ValueError) as e:
-        M.Qwen2VL.from_pretrained(dst)
+        CK.load(dst)
     msg = str(e.value)
     for name in ["model.layers.1.mlp.up_proj.weight", "visual.merger.ln_q.bias", "model.norm.weight",
                  "model.layers.9.extra", "missing (2)", "unexpected (1)", "wrong shape (1)"]:
@@ -391,7 +393,7 @@ def test_damaged_safetensors_are_refused_naming_file_and_tensor(tiny_ckpt, tmp_p
         raw = len(text).to_bytes(8, "little") + text + raw[8 + n:]
     open(victim, "wb").write(raw)
     with pytest.raises(ValueError) as e:
-        M.Qwen2VL.from_pretrained(dst)
+        CK.load(dst)
     msg = str(e.value)
     assert victim in msg and "damaged safetensors file" in msg
     named = {"cut_in_half": "tensor ", "cut_in_header": "header is cut short", "shard_cut_by_one_byte": last,
@@ -406,9 +408,9 @@ def test_config_that_is_not_qwen2_vl_is_refused(tiny_ckpt, tmp_path):
     d["model_type"] = "qwen2_5_vl"
     json.dump(d, open(os.path.join(dst, "config.json"), "w"))
     with pytest.raises(ValueError, match="not Qwen2-VL"):
-        M.Qwen2VL.from_pretrained(dst)
+        CK.load(dst)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        M.Qwen2VL.from_pretrained(str(tmp_path))
+        CK.load(str(tmp_path))
 
 
 def test_image_token_mismatch_and_position_limit_are_errors(pair):
@@ -439,23 +441,23 @@ def test_hub_id_is_fetched_only_when_not_a_folder(tiny_ckpt, monkeypatch):
         asked.append(repo_id)
         return path
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    M.Qwen2VL.from_pretrained(path)
+    CK.load(path)
     assert asked == []
-    m = M.Qwen2VL.from_pretrained("someone/tinyrs-r1")
+    m = CK.load("someone/tinyrs-r1")
     assert asked == ["someone/tinyrs-r1"] and m.source_dir == path
 
 
 def test_command_line_answers_about_an_image(tiny_ckpt, tmp_path, capsys):
-    """`python model.py --model DIR --image F "question"` prints what generate + decode give."""
+    """`python ask.py --model DIR --image F "question"` prints what generate + decode give."""
     path, _ = tiny_ckpt
     from data import Processor
     rng = np.random.default_rng(3)
     img_path = tmp_path / "scene.png"
     Image.fromarray((rng.random((70, 100, 3)) * 255).astype("uint8")).save(img_path)
-    M.main(["--model", path, "--image", str(img_path), "--max-new-tokens", "12", "How many ships?"])
+    ask.main(["--model", path, "--image", str(img_path), "--max-new-tokens", "12", "How many ships?"])
     printed = capsys.readouterr().out.strip()
     proc = Processor.from_pretrained(path)
-    m = M.Qwen2VL.from_pretrained(path)
+    m = CK.load(path)
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                   {"type": "text", "text": "How many ships?"}]}],
                                     add_generation_prompt=True)
@@ -463,7 +465,7 @@ def test_command_line_answers_about_an_image(tiny_ckpt, tmp_path, capsys):
     new = m.generate(b["input_ids"], b["attention_mask"], b["pixel_values"], b["image_grid_thw"], max_new_tokens=12)
     assert printed == proc.decode(new[0]).strip() and len(new[0]) > 0
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        M.main(["--model", path, "--image", str(tmp_path / "missing.png"), "What?"])
+        ask.main(["--model", path, "--image", str(tmp_path / "missing.png"), "What?"])
 
 
 def test_onednn_linear_only_under_inference_mode():

@@ -1,6 +1,8 @@
 """data.py's image processor, chat template and Processor against transformers (the oracle, tests only)."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -373,3 +375,16 @@ def test_save_pretrained_round_trip(proc_dir, tmp_path, oracle_tok):
     assert tok2.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False) == \
         bare.apply_chat_template([{"role": "user", "content": "q"}])
     assert data.Processor.from_pretrained(out2).image_processor == p.image_processor
+    assert json.loads((out2 / "tokenizer_config.json").read_text()) == data.tokenizer_config(QWEN2VL_CHAT_TEMPLATE)
+    data.Processor(p.tokenizer).save_pretrained(out3 := tmp_path / "no_template")
+    assert json.loads((out3 / "tokenizer_config.json").read_text()) == data.tokenizer_config()
+    assert "chat_template" not in data.tokenizer_config()
+
+
+def test_data_imports_no_project_module():
+    """data.py is the bottom of the import graph: importing it loads no other file of the project."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ours = {f[:-3] for f in os.listdir(root) if f.endswith(".py")} - {"data"}
+    code = "import sys, data; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root)
+    assert ours & set(out.stdout.split()) == set() and {"synth", "think", "rewards"} <= ours

@@ -11,8 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data as D
+import distributed as DI
+import checkpoint as CK
 import model as M
+import synth
 import train_sft as T
+import training as TR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIXELS = ["--min-pixels", str(56 * 56), "--max-pixels", str(28 * 28 * 64)]
@@ -157,23 +161,23 @@ def test_truncation_never_cuts_an_image(proc, images, tmp_path):
 
 def test_task_balancing_and_deterministic_epochs():
     tasks = ["CLS"] * 50 + ["VG"] * 4 + ["VQA"] * 20
-    f = D.balance_factors(tasks, 5)
+    f = T.balance_factors(tasks, 5)
     assert f == {"CLS": 1.0, "VG": 5.0, "VQA": 2.5}
-    counts = D.balanced_counts(tasks, f)
+    counts = T.balanced_counts(tasks, f)
     assert counts == {"CLS": 50, "VG": 20, "VQA": 50}
-    e0 = D.epoch_order(tasks, 0, seed=3, factors=f)
-    assert e0 == D.epoch_order(tasks, 0, seed=3, factors=f) != D.epoch_order(tasks, 1, seed=3, factors=f)
+    e0 = T.epoch_order(tasks, 0, seed=3, factors=f)
+    assert e0 == T.epoch_order(tasks, 0, seed=3, factors=f) != T.epoch_order(tasks, 1, seed=3, factors=f)
     got = {t: sum(tasks[i] == t for i in e0) for t in counts}
     assert got == counts
     assert sorted(i for i in e0 if tasks[i] == "VG") == sorted(list(range(50, 54)) * 5)
-    assert sorted(D.epoch_order(10, 2, seed=0)) == list(range(10))
+    assert sorted(T.epoch_order(10, 2, seed=0)) == list(range(10))
 
 
 def test_rank_sharding_covers_each_global_batch_once():
     order = list(range(37))
     lengths = [(i * 7) % 11 for i in order]
-    one = D.rank_steps(order, 8, 2, 0, 1, lengths)
-    two = [D.rank_steps(order, 8, 2, r, 2, lengths) for r in range(2)]
+    one = T.rank_steps(order, 8, 2, 0, 1, lengths)
+    two = [T.rank_steps(order, 8, 2, r, 2, lengths) for r in range(2)]
     assert len(one) == 4 and len(two[0]) == len(two[1]) == 4  # the partial last batch is dropped
     for s in range(4):
         mine = [i for mb in one[s] for i in mb]
@@ -182,7 +186,7 @@ def test_rank_sharding_covers_each_global_batch_once():
         assert all(len(mb) == 2 for mb in two[0][s] + two[1][s])
         assert all(lengths[a] >= lengths[b] for a, b in zip(mine, mine[1:]))  # longest first: less padding
     with pytest.raises(ValueError, match="must split"):
-        D.rank_steps(order, 8, 3, 0, 2)
+        T.rank_steps(order, 8, 3, 0, 2)
 
 
 def test_pack_rows_fewest_balanced_rows():
@@ -218,7 +222,7 @@ def test_collate_padding_and_packing_keep_samples_apart(proc, images, tmp_path, 
             seen.append(n)
     assert seen == (packed["image_grid_thw"].prod(-1) // 4).tolist()
     # the model gives every sample the same log-probabilities packed or padded
-    model = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
+    model = CK.load(tiny_ckpt[0])
 
     def logps(b):
         tgt = F.pad(b["labels"][:, 1:], (0, 1), value=D.IGNORE_INDEX)
@@ -265,7 +269,7 @@ def test_answer_opening_with_a_line_break_is_learned_whole_and_prompts_match_gen
     """Qwen2's tokenizer merges "\\n\\n" into one token; an answer that opens with a line break must not fuse
     with the header's "\\n", or training learns a token that generation (prompt ends "assistant\\n") never sees."""
     corpus = ["Line one.\n\nLine two.\n\n\nThe answer is 3.\n\nDone.", "assistant\n\nThe ships\n\nare moored."] * 8
-    proc = D.Processor(D.train_tokenizer(corpus, vocab_size=400))
+    proc = D.Processor(synth.train_tokenizer(corpus, vocab_size=400))
     merged = proc.tokenizer.encode("assistant\n\nThe", add_special_tokens=False).tokens
     assert "ĊĊ" in merged  # the premise: this tokenizer fuses the two line breaks, as Qwen2's does
     msgs = [{"role": "user", "content": "How many ships?"}, {"role": "assistant", "content": "\nThe answer is 3."},
@@ -373,9 +377,9 @@ def test_image_failing_mid_training_is_skipped_and_counted(proc, tiny_ckpt, imag
 
 
 def test_param_groups_freezing_and_schedule(tiny_ckpt):
-    m = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
-    T.freeze(m, vision=True)
-    groups = {g["name"]: g for g in T.param_groups(m, 1e-3, merger_lr=5e-4, vision_lr=1e-4, weight_decay=0.1)}
+    m = CK.load(tiny_ckpt[0])
+    TR.freeze(m, vision=True)
+    groups = {g["name"]: g for g in TR.param_groups(m, 1e-3, merger_lr=5e-4, vision_lr=1e-4, weight_decay=0.1)}
     assert set(groups) == {"llm", "llm_no_decay", "merger", "merger_no_decay"}  # frozen vision is left out
     names = {id(p): n for n, p in m.named_parameters()}
     nd = [names[id(p)] for p in groups["llm_no_decay"]["params"]]
@@ -383,7 +387,7 @@ def test_param_groups_freezing_and_schedule(tiny_ckpt):
     assert all(p.ndim >= 2 for p in groups["llm"]["params"]) and groups["llm_no_decay"]["weight_decay"] == 0.0
     assert groups["merger"]["lr"] == 5e-4 and groups["llm"]["weight_decay"] == 0.1
     assert not any(n.startswith("visual.blocks") for g in groups.values() for n in map(names.get, map(id, g["params"])))
-    f = [T.lr_factor(s, 100, 10) for s in range(100)]
+    f = [TR.lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0 and f[55] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(f[10:], f[11:])) and 0 < f[99] < 1e-3
 
@@ -448,8 +452,8 @@ def test_metrics_and_first_loss_is_token_mean_of_global_batch(baseline, tiny_ckp
     assert rows[-1]["loss"] < rows[0]["loss"]
     # step 1, recomputed with full logits: sum of per-token CE over the global batch / its label tokens
     ds = D.ConversationDataset(train_data[0], proc, images, max_len=128)
-    order = D.epoch_order(ds.tasks, 0, 0, D.balance_factors(ds.tasks, 5.0))[:4]
-    model = M.Qwen2VL.from_pretrained(tiny_ckpt[0])
+    order = T.epoch_order(ds.tasks, 0, 0, T.balance_factors(ds.tasks, 5.0))[:4]
+    model = CK.load(tiny_ckpt[0])
     total, n = 0.0, 0
     for i in order:
         it = ds[i]
@@ -500,15 +504,15 @@ LOAD_TWO_RANKS = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
 out = {out!r}
-import train_sft as T
-d = T.setup_distributed("cpu")
+import distributed as DI
+d = DI.setup_distributed("cpu")
 base = int(open("/proc/self/statm").read().split()[1]) * 4096
-model = T.load_sharded({ckpt!r}, d, bf16=False)
+model = DI.load_sharded({ckpt!r}, d, bf16=False)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 local = sum(p.to_local().numel() * 4 for p in model.parameters())
 with open(f"{{out}}/rank{{d.rank}}.json", "w") as f:  # a file each: two ranks' prints may interleave
     json.dump({{"rank": d.rank, "over_base": peak - base, "local": local}}, f)
-T.teardown_distributed()
+DI.teardown_distributed()
 """
 
 
@@ -519,16 +523,10 @@ def test_start_up_holds_no_full_copy_on_any_rank(tmp_path):
            "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 8192, "tie_word_embeddings": True,
            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
            "vision_config": {"depth": 1, "embed_dim": 64, "num_heads": 2, "hidden_size": 512}}
-    with torch.device("meta"):
-        m = M.Qwen2VL(M.Qwen2VLConfig.from_dict(cfg))
-    m = m.to_empty(device="cpu")
-    m.lm_head.weight = m.model.embed_tokens.weight
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
+    m = M.init_weights(M.Qwen2VL.empty(M.Qwen2VLConfig.from_dict(cfg)))
     size = sum(p.numel() * 4 for p in m.parameters())
     largest = max(p.numel() * 4 for p in m.parameters())
-    m.save_pretrained(tmp_path / "ckpt")
+    CK.save_model(m, tmp_path / "ckpt")
     del m
     (tmp_path / "load.py").write_text(LOAD_TWO_RANKS.format(root=ROOT, ckpt=str(tmp_path / "ckpt"),
                                                             out=str(tmp_path)))
@@ -585,9 +583,9 @@ def test_save_dtype_bf16_loads_in_transformers_and_the_default_keeps_the_source_
     assert 1e-6 < err < 2e-2  # bf16 rounding of the weights: visible, small
     # a run that starts from a bf16 checkpoint exports bf16 by default
     src16 = tmp_path / "src16"
-    M.Qwen2VL.from_pretrained(tiny_ckpt[0], dtype=torch.bfloat16).save_pretrained(src16)
+    CK.save_model(CK.load(tiny_ckpt[0], dtype=torch.bfloat16), src16)
     T.main(base_args(str(src16), train_data[0], images, tmp_path / "from16", "--max-steps", "1"))
-    assert M.checkpoint_dtype(tmp_path / "from16" / "final") == torch.bfloat16
+    assert CK.checkpoint_dtype(tmp_path / "from16" / "final") == torch.bfloat16
 
 
 def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_ckpt, train_data, images, tmp_path):
@@ -596,7 +594,7 @@ def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_ckpt, train_d
     assert T.main(args + ["--stop-after", "3"]) is None  # "interrupted" after step 3; checkpoint-2 is the newest
     assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"]
     os.makedirs(out / ".checkpoint-4.tmp")  # a save that crashed half way is never resumed from
-    assert T.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert TR.latest_checkpoint(str(out)) == str(out / "checkpoint-2")
     T.main(args + ["--resume"])
     assert_close(metrics(out), metrics(baseline[0]), rel=1e-6)  # steps 3..6 re-run from checkpoint-2
     assert os.listdir(out / "checkpoint-4") and not os.path.exists(out / "checkpoint-2")  # --keep 1
@@ -606,8 +604,8 @@ def test_resume_reproduces_the_uninterrupted_losses(baseline, tiny_ckpt, train_d
 def test_final_checkpoint_loads_in_transformers(baseline, proc, train_data, images):
     from transformers import Qwen2VLForConditionalGeneration
     final = baseline[1]
-    ours = M.Qwen2VL.from_pretrained(final)
-    start = M.Qwen2VL.from_pretrained(os.path.join(baseline[0], "checkpoint-2"))
+    ours = CK.load(final)
+    start = CK.load(os.path.join(baseline[0], "checkpoint-2"))
     assert not torch.equal(ours.lm_head.weight, start.lm_head.weight)  # trained past the checkpoint
     hf = Qwen2VLForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
     ds = D.ConversationDataset(train_data[0], D.Processor.from_pretrained(final), images, max_len=128)
@@ -651,5 +649,5 @@ def test_nan_loss_stops_naming_the_step(tiny_ckpt, train_data, images, tmp_path,
     out = tmp_path / "nan"
     with pytest.raises(FloatingPointError, match=r"step 3: non-finite loss .*checkpoint-2"):
         T.main(base_args(tiny_ckpt[0], train_data[0], images, out, "--save-every", "1"))
-    assert T.latest_checkpoint(str(out)).endswith("checkpoint-2") and not os.path.exists(out / "final")
+    assert TR.latest_checkpoint(str(out)).endswith("checkpoint-2") and not os.path.exists(out / "final")
     assert [r["step"] for r in metrics(out)] == [1, 2]

@@ -1,4 +1,4 @@
-"""The synthetic remote-sensing world (`data.py synth`) and the tiny checkpoint (`data.py tiny`): determinism,
+"""The synthetic remote-sensing world (`synth.py synth`) and the tiny checkpoint (`synth.py tiny`): determinism,
 records that agree with the drawn pixels, and a checkpoint every loader (ours, transformers) reads alike."""
 import collections
 import hashlib
@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import checkpoint as CK
 import model as M
 import rewards
 import synth
@@ -24,7 +25,7 @@ SEED = 3
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *map(str, args)], check=True,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "synth.py"), *map(str, args)], check=True,
                           capture_output=True, text=True, cwd=ROOT).stdout
 
 
@@ -61,6 +62,11 @@ def test_same_seed_gives_identical_files_and_another_seed_other_files(world, tmp
     other = tree_hashes(tmp_path / "other")
     assert first.keys() == other.keys()
     assert not {v for k, v in first.items() if k.endswith(".png")} & set(other.values())
+
+
+def test_command_line_help():
+    assert "python synth.py tiny" in cli("--help")
+    assert "--n-pretrain" in cli("synth", "--help") and "--vocab-size" in cli("tiny", "--help")
 
 
 def test_splits_share_no_image_and_no_seed(world):
@@ -227,7 +233,7 @@ def test_tiny_is_deterministic(tiny, tmp_path):
 
 
 def test_tiny_weights_config_and_tokenizer(tiny):
-    ours = M.Qwen2VL.from_pretrained(tiny)
+    ours = CK.load(tiny)
     n = sum(p.numel() for p in ours.parameters())
     assert 1e6 < n < 10e6
     for name, p in ours.named_parameters():
@@ -239,8 +245,8 @@ def test_tiny_weights_config_and_tokenizer(tiny):
             assert abs(p.std().item() - 0.02) < 0.004 and abs(p.mean().item()) < 0.002, name
     proc = data.Processor.from_pretrained(tiny)
     tok, cfg = proc.tokenizer, ours.config
-    learned = tok.get_vocab_size() - len(data.SPECIAL_TOKENS)
-    assert [tok.token_to_id(t) for t in data.SPECIAL_TOKENS] == list(range(learned, tok.get_vocab_size()))
+    learned = tok.get_vocab_size() - len(synth.SPECIAL_TOKENS)
+    assert [tok.token_to_id(t) for t in synth.SPECIAL_TOKENS] == list(range(learned, tok.get_vocab_size()))
     assert cfg.vocab_size >= tok.get_vocab_size() and cfg.tie_word_embeddings
     assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.eos_token_id, cfg.pad_token_id) \
         == (proc.image_token_id, proc.vision_start_id, proc.vision_end_id, [proc.im_end_id], proc.pad_id)
@@ -253,12 +259,12 @@ def test_tiny_weights_config_and_tokenizer(tiny):
     with Image.open(os.path.join(tiny, "example.png")) as im:
         assert ip.target_size(im.height, im.width) == (im.height, im.width)  # seen whole, not resized
     with open(os.path.join(tiny, "tokenizer_config.json")) as f:
-        assert json.load(f)["chat_template"] == data.QWEN2VL_CHAT_TEMPLATE
+        assert json.load(f) == data.tokenizer_config(synth.QWEN2VL_CHAT_TEMPLATE)
 
 
 def test_tiny_loads_in_transformers_with_equal_logits(tiny):
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    ours, proc = M.Qwen2VL.from_pretrained(tiny), data.Processor.from_pretrained(tiny)
+    ours, proc = CK.load(tiny), data.Processor.from_pretrained(tiny)
     hf = Qwen2VLForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32).eval()
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many ships are in this image?"}]}]
     text = proc.apply_chat_template(msgs, add_generation_prompt=True)
@@ -275,7 +281,7 @@ def test_tiny_loads_in_transformers_with_equal_logits(tiny):
 
 
 def test_demo_command_answers_about_the_example_image(tiny):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--model", tiny, "--image",
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ask.py"), "--model", tiny, "--image",
                           os.path.join(tiny, "example.png"), "--max-new-tokens", "4", "How many ships are in this image?"],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip()

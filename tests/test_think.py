@@ -1,4 +1,4 @@
-"""`python data.py think` against a local OpenAI-compatible server (stdlib http.server), with the real openai client.
+"""`python think.py` against a local OpenAI-compatible server (stdlib http.server), with the real openai client.
 
 The server's behaviour is chosen by a word in the question: ok, rate (429 once), boom (500 forever), wrong (an
 answer that contradicts the original, always), flaky (wrong once, then right), slow (answers after a delay)."""
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+import think
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE = (11, 7)  # prompt, completion tokens reported by every answer
@@ -100,7 +100,7 @@ def write_data(tmp_path, recs):
 
 
 def think_argv(data_path, out, url, *extra):
-    return ["think", "--data", data_path, "--out", out, "--base-url", url, "--model", "fake", "--backoff", "0.01",
+    return ["--data", data_path, "--out", out, "--base-url", url, "--model", "fake", "--backoff", "0.01",
             "--retries", "2", "--attempts", "2", "--timeout", "10", *extra]
 
 
@@ -114,7 +114,7 @@ def test_think_happy_path_retries_rejects_and_failures(tmp_path, server, monkeyp
     recs = [record("ok1", "ok"), record("ok2", "ok", answer="Yes.", turns=2), record("r", "rate"),
             record("b", "boom"), record("w", "wrong"), record("f", "flaky", answer="3")]
     out = str(tmp_path / "think.jsonl")
-    summary = data.main(think_argv(write_data(tmp_path, recs), out, server.url, "--concurrency", "3"))
+    summary = think.main(think_argv(write_data(tmp_path, recs), out, server.url, "--concurrency", "3"))
 
     assert summary["done"] == 4 and summary["rejected"] == 1 and summary["failed"] == 1
     done = {r["id"]: r for r in read_jsonl(out)}
@@ -144,7 +144,7 @@ def test_think_happy_path_retries_rejects_and_failures(tmp_path, server, monkeyp
 
     # a second run asks again only for the failed record (done and rejected ids are final)
     n_before = len(server.requests)
-    again = data.main(think_argv(str(tmp_path / "in.jsonl"), out, server.url))
+    again = think.main(think_argv(str(tmp_path / "in.jsonl"), out, server.url))
     assert again["skipped_done"] == 5 and again["failed"] == 1
     assert {q.split()[0] for q, _, _ in server.requests[n_before:]} == {"boom"}
 
@@ -154,7 +154,7 @@ def test_think_resumes_after_interruption(tmp_path, server):
     path = write_data(tmp_path, recs)
     out = str(tmp_path / "think.jsonl")
     env = {**os.environ, "OPENAI_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "think.py"),
                              *think_argv(path, out, server.url, "--concurrency", "1")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -170,7 +170,7 @@ def test_think_resumes_after_interruption(tmp_path, server):
         f.write('{"id": "s5", "conversat')
     n_before = len(server.requests)
 
-    summary = data.main(think_argv(path, out, server.url, "--concurrency", "2"))
+    summary = think.main(think_argv(path, out, server.url, "--concurrency", "2"))
     ids = [r["id"] for r in read_jsonl(out)]  # the half line was dropped, so the file parses
     assert sorted(ids) == [f"s{i}" for i in range(6)] and len(set(ids)) == 6
     assert summary["skipped_done"] == len(first) and summary["done"] == 6 - len(first)
@@ -182,4 +182,13 @@ def test_think_needs_a_key_without_base_url(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     path = write_data(tmp_path, [record("a", "ok")])
     with pytest.raises(SystemExit, match="OPENAI_API_KEY"):
-        data.main(["think", "--data", path, "--out", str(tmp_path / "o.jsonl")])
+        think.main(["--data", path, "--out", str(tmp_path / "o.jsonl")])
+
+
+def test_help_says_what_it_is_and_openai_is_imported_only_to_run():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "think.py"), "--help"], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout
+    assert "VHM-Instruct-Think" in out and "OpenAI-compatible" in out and "--base-url" in out and "--attempts" in out
+    code = "import sys, think; print('openai' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert loaded.strip() == "False"

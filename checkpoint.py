@@ -1,0 +1,314 @@
+"""Hugging Face checkpoint files for Qwen2-VL: find them (a folder, or a hub id fetched with huggingface_hub),
+validate them, read them into a model, and write them back, in safetensors only (never pickle).
+
+    import checkpoint as CK
+    model = CK.load("Qwen/Qwen2-VL-2B-Instruct", dtype=torch.bfloat16, device="cuda")
+    CK.save_model(model, "out/")        # loads in transformers and vLLM
+
+Layouts read: config.json flat (the original Qwen2-VL release) or nested (`text_config`, `in_channels`), tensor
+names as released (`model.layers.0...`, `visual.blocks.0...`) or prefixed (`model.language_model.`,
+`model.visual.`), one model.safetensors or shards with model.safetensors.index.json, lm_head absent when tied.
+Every file is validated by the safetensors library before a byte of tensor data is read, then read one tensor at
+a time into storage already in the target dtype: memory stays at the model plus one tensor. Writing goes to a
+temporary sibling folder that replaces the target whole, so a crash never leaves half a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+
+import torch
+
+from model import Qwen2VL, Qwen2VLConfig
+
+
+def load(path, dtype=torch.float32, device="cpu") -> Qwen2VL:
+    """The model in a checkpoint folder or hub id (downloaded only when `path` is not a folder). device="meta":
+    structure, configuration and generation settings only, no weight read (ranks that receive their FSDP shards
+    from rank 0 start from it)."""
+    folder = resolve_checkpoint(path)
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
+    with open(cfg_path) as f:
+        config = Qwen2VLConfig.from_dict(json.load(f), cfg_path)
+    model = Qwen2VL.empty(config, dtype, device)
+    if torch.device(device).type != "meta":
+        load_weights(model, folder)
+    model.source_dir = folder
+    gen_path = os.path.join(folder, "generation_config.json")
+    if os.path.exists(gen_path):
+        with open(gen_path) as f:
+            g = json.load(f).get("eos_token_id")
+        if g is not None:
+            model.generation_eos = g if isinstance(g, list) else [g]
+    return model.eval()
+
+
+def save_model(model: Qwen2VL, out_dir, state_dict=None, max_shard_bytes=5 * 1024 ** 3, extra_files=None):
+    """`model` (or `state_dict`, e.g. gathered from FSDP shards) as an HF checkpoint, with the tokenizer and
+    processor files of the checkpoint it came from."""
+    save(model.config, model.state_dict() if state_dict is None else state_dict, out_dir, model.source_dir,
+         max_shard_bytes, model.generation_eos, extra_files)
+
+
+def resolve_checkpoint(path, local_files_only: bool = False) -> str:
+    """The local folder of a checkpoint: `path` itself, or a hub id's snapshot (downloaded unless
+    local_files_only, which reads only what an earlier download left in the cache)."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{path} is a file; give the checkpoint folder (with config.json) or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"],
+                                 local_files_only=local_files_only)
+    except Exception as e:  # offline, unknown repo, ...: say what was tried
+        raise FileNotFoundError(f"{path!r} is not a local folder and could not be fetched from the hub: {e}") from e
+
+
+def canonical_key(k: str) -> str:
+    """Newer exports nest the decoder under model.language_model and the tower under model.visual."""
+    if k.startswith("model.language_model."):
+        return "model." + k[len("model.language_model."):]
+    if k.startswith("model.visual."):
+        return "visual." + k[len("model.visual."):]
+    if k.startswith("language_model.model."):
+        return "model." + k[len("language_model.model."):]
+    if k.startswith("language_model.lm_head."):
+        return k[len("language_model."):]
+    return k
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors_header(path):
+    """(tensor entries, byte offset of the tensor data) of a .safetensors file that the safetensors library has
+    validated first: the header parses, each tensor's byte range fits its shape and dtype, and the ranges cover
+    the data exactly. A damaged file (a download cut short, say) raises ValueError naming the file and, where
+    the header still reads, the first tensor it loses: it never loads as zeros or garbage."""
+    from safetensors import safe_open
+    try:
+        with safe_open(os.fspath(path), framework="pt"):
+            pass  # maps the file and checks the header against its size; touches no tensor data
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error type; its message says what is inconsistent
+        raise ValueError(f"{path}: damaged safetensors file ({e}){_first_bad_tensor(path)}; download or save it "
+                         f"again") from None
+    return _raw_header(path)
+
+
+def _raw_header(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _first_bad_tensor(path) -> str:
+    """Where a file that safetensors refused goes wrong, told by tensor, for the error message."""
+    try:
+        header, base = _raw_header(path)
+        data = os.path.getsize(path) - base
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    except Exception:  # noqa: BLE001 - any failure here means the header itself is unreadable
+        return ": its header is cut short or unreadable"
+    for name, meta in entries:
+        start, end = meta["data_offsets"]
+        if end > data:
+            return (f": tensor {name} needs data bytes {start}..{end} but the file holds {data} "
+                    f"({sum(m['data_offsets'][1] > data for _, m in entries)} tensors cut off)")
+        dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+        if dtype is not None and math.prod(meta["shape"]) * dtype.itemsize != end - start:
+            return f": tensor {name} has {end - start} bytes, not what shape {meta['shape']} of {meta['dtype']} needs"
+    return ""
+
+
+def iter_safetensors(path, wanted=None, header=None):
+    """(name, tensor) for each tensor of a .safetensors file, read with plain reads; `header`: what
+    read_safetensors_header(path) returned, if the caller has it already.
+
+    Reading instead of mapping the file keeps the loader's peak memory at the model plus one tensor; when the
+    tensor is consumed before the next is read, nothing accumulates (a mapped file's pages would count too)."""
+    header, base = header or read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if wanted is not None and name not in wanted:
+                continue
+            start, end = meta["data_offsets"]
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+            buf = bytearray(end - start)
+            f.seek(base + start)
+            if f.readinto(buf) != len(buf):  # validated above: only a file changed while loading gets here
+                raise ValueError(f"{path}: tensor {name}: the file ended early; was it rewritten while loading?")
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield name, t.view(meta["shape"])
+
+
+def checkpoint_dtype(folder) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights are stored in (by bytes), read from the file headers."""
+    total = {}
+    for path in checkpoint_files(folder):
+        for meta in read_safetensors_header(path)[0].values():
+            dtype = SAFETENSORS_DTYPES.get(meta["dtype"])
+            if dtype is not None and dtype.is_floating_point:
+                total[dtype] = total.get(dtype, 0) + meta["data_offsets"][1] - meta["data_offsets"][0]
+    if not total:
+        raise ValueError(f"{folder}: no floating-point weights")
+    return max(total, key=total.get)
+
+
+def checkpoint_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, fn) for fn in files]
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    found = sorted(fn for fn in os.listdir(folder) if fn.endswith(".safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights (pickled .bin checkpoints are not loaded: "
+                                f"convert them to safetensors first)")
+    return [os.path.join(folder, fn) for fn in found]
+
+
+def weight_plan(model: Qwen2VL, folder) -> list:
+    """What to read for `model` from the checkpoint in `folder`, decided from the file headers alone (every file
+    validated first; no tensor data read): [(file, header, {name in the file: parameter name})]. The model may be
+    on the meta device. One error lists every missing, unexpected and mis-shaped tensor."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    need = set(params) - ({"lm_head.weight"} if tied else set())
+    seen, unexpected, bad_shape, plan = set(), [], [], []
+    for path in checkpoint_files(folder):
+        header = read_safetensors_header(path)
+        wanted = {}
+        for raw, meta in header[0].items():
+            k = canonical_key(raw)
+            if k not in params or (tied and k == "lm_head.weight"):
+                if not (tied and k == "lm_head.weight"):
+                    unexpected.append(raw)
+                continue
+            seen.add(k)  # a mis-shaped tensor is reported as such rather than as missing
+            if list(params[k].shape) != list(meta["shape"]):
+                bad_shape.append(f"{raw}: checkpoint {list(meta['shape'])}, model {list(params[k].shape)}")
+            else:
+                wanted[raw] = k
+        plan.append((path, header, wanted))
+    missing = sorted(need - seen)
+    if missing or unexpected or bad_shape:
+        def show(xs):
+            return ", ".join(xs[:12]) + (f" ... (+{len(xs) - 12} more)" if len(xs) > 12 else "")
+        lines = [f"{folder}: checkpoint does not match the Qwen2-VL config"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {show(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {show(sorted(unexpected))}")
+        if bad_shape:
+            lines.append(f"  wrong shape ({len(bad_shape)}): {show(bad_shape)}")
+        raise ValueError("\n".join(lines))
+    return plan
+
+
+def read_weights(plan):
+    """(parameter name, tensor) for every tensor of a weight_plan, read one at a time, in file order."""
+    for path, header, wanted in plan:
+        for raw, t in iter_safetensors(path, wanted, header):
+            yield wanted[raw], t
+
+
+def load_weights(model: Qwen2VL, folder):
+    """Copy every checkpoint tensor into the (already allocated) parameters."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for k, t in read_weights(weight_plan(model, folder)):
+            params[k].copy_(t)
+
+
+CARRIED_FILES = ["tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                 "chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json"]
+
+
+def save(config: Qwen2VLConfig, state_dict, out_dir, source_dir=None, max_shard_bytes=5 * 1024 ** 3,
+         generation_eos=None, extra_files=None):
+    """HF layout (config.json, model.safetensors or shards + index, tokenizer/preprocessor files), atomically."""
+    from safetensors.torch import save_file
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        tensors = {}
+        for k, t in state_dict.items():
+            if config.tie_word_embeddings and k == "lm_head.weight":
+                continue  # tied: the checkpoint keeps one copy, as the original does
+            tensors[k] = t.detach().to("cpu").contiguous()
+        dtype = next(iter(tensors.values())).dtype
+        shards, cur, size = [], {}, 0
+        for k in sorted(tensors):
+            nbytes = tensors[k].numel() * tensors[k].element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = tensors[k]
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        cfg = config.to_dict()
+        cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        gen = {"bos_token_id": config.bos_token_id, "pad_token_id": config.pad_token_id,
+               "eos_token_id": list(generation_eos or config.eos_token_id), "do_sample": False}
+        if source_dir and os.path.exists(os.path.join(source_dir, "generation_config.json")):
+            with open(os.path.join(source_dir, "generation_config.json")) as f:
+                gen = {**json.load(f), **{k: gen[k] for k in ("eos_token_id",)}}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        if source_dir:
+            for fn in CARRIED_FILES:
+                if os.path.exists(os.path.join(source_dir, fn)):
+                    shutil.copy2(os.path.join(source_dir, fn), os.path.join(tmp, fn))
+        for fn, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, fn), "w") as f:
+                f.write(content)
+        # mkdtemp (and safetensors) create private files; a checkpoint gets the usual umask-based modes
+        umask = os.umask(0)
+        os.umask(umask)
+        for fn in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, fn), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        # Swap in: the old folder (if any) is moved aside first, so a crash leaves either the old or the new one.
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
