@@ -12,7 +12,7 @@ language token (LayerNorm, 5120 -> 5120 -> GELU -> 1536). The embedding and the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +132,8 @@ class Qwen2VLConfig:
             "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
             "pad_token_id": self.pad_token_id,
             "vision_config": {"depth": v.depth, "embed_dim": v.embed_dim, "num_heads": v.num_heads,
-                              "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio, "patch_size": v.patch_size, "hidden_act": "quick_gelu",
+                              "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+                              "patch_size": v.patch_size, "hidden_act": "quick_gelu",
                               "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
                               "in_chans": v.in_chans, "hidden_size": v.hidden_size},
         }

@@ -227,8 +227,8 @@ def convert_vhm_rl(src: str, dst: str) -> dict:
     return summary
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="rl_data.py", description=convert_vhm_rl.__doc__.split("\n")[0])
+def main(argv=None, prog="rl_data.py"):
+    p = argparse.ArgumentParser(prog=prog, description=convert_vhm_rl.__doc__.split("\n")[0])
     p.add_argument("src", help="LLaVA or public-layout JSON/JSONL, a datasets save_to_disk folder, or parquet")
     p.add_argument("dst", help="GRPO JSONL to write (embedded images go to <DST stem>_images/)")
     a = p.parse_args(argv)

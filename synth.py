@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from data import DEFAULT_SYSTEM, REASONING_SYSTEM_PROMPT, TASK_PROMPTS, ImageProcessor, tokenizer_config
 

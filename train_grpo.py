@@ -374,7 +374,7 @@ def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["convert"]:
-        return RD.main(argv[1:])
+        return RD.main(argv[1:], prog="train_grpo.py convert")
     return TR.launch(train, parse_args(argv))
 
 

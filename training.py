@@ -89,8 +89,7 @@ def save_final(model, out_dir: str, d: Dist, save_dtype: str | None, start_folde
                 del sd[k]  # the tied head is written once, as the embedding
             elif sd[k].is_floating_point():
                 sd[k] = sd[k].to(dtype)
-        CK.save(model.config, sd, final, source_dir=model.source_dir, generation_eos=model.generation_eos,
-                          extra_files=extra_files)
+        CK.save_model(model, final, state_dict=sd, extra_files=extra_files)
         print(f"saved {final} ({str(dtype).removeprefix('torch.')})")
     del sd
     dist.barrier()
@@ -131,8 +130,7 @@ def save_training_checkpoint(out_dir: str, step: int, model, optimizer, state: d
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        CK.save(model.config, sd, tmp, source_dir=model.source_dir, generation_eos=model.generation_eos,
-                          extra_files=extra_files)
+        CK.save_model(model, tmp, state_dict=sd, extra_files=extra_files)
         torch.save(osd, os.path.join(tmp, "optimizer.pt"))
     del sd, osd
     dist.barrier()

@@ -117,7 +117,6 @@ import sys  # noqa: E402
 
 import data as D  # noqa: E402
 import checkpoint as CK  # noqa: E402
-import model as M  # noqa: E402
 import rewards as RW  # noqa: E402
 import distributed as DI  # noqa: E402
 import rl_data as RD  # noqa: E402

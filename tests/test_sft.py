@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data as D
-import distributed as DI
 import checkpoint as CK
 import model as M
 import synth

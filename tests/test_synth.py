@@ -15,7 +15,6 @@ from PIL import Image
 
 import data
 import checkpoint as CK
-import model as M
 import rewards
 import synth
 
@@ -280,8 +279,12 @@ def test_tiny_loads_in_transformers_with_equal_logits(tiny):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-def test_demo_command_answers_about_the_example_image(tiny):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "ask.py"), "--model", tiny, "--image",
-                          os.path.join(tiny, "example.png"), "--max-new-tokens", "4", "How many ships are in this image?"],
-                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    assert out.strip()
+def test_demo_command_answers_about_the_example_image(tiny, capsys):
+    """`python ask.py` on the tiny model and its example image prints what the same call answers in-process."""
+    import ask
+    argv = ["--model", tiny, "--image", os.path.join(tiny, "example.png"), "--max-new-tokens", "4",
+            "How many ships are in this image?"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ask.py"), *argv], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout
+    want = ask.main(argv)
+    assert out == want + "\n" and capsys.readouterr().out == out
