@@ -39,7 +39,7 @@ def test_parameter_count_equals_transformers():
 LOAD_AND_ANSWER = textwrap.dedent("""
     import json, resource, sys, time, torch
     sys.path.insert(0, ROOT)
-    import model as M
+    import checkpoint as CK
     from data import ImageProcessor
     from PIL import Image
     torch.manual_seed(0)
