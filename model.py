@@ -196,6 +196,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def span_attention(q, k, v, spans, causal: bool):
+    """Attention within each span (start, end) of flattened tokens: q [N, H, hd], k and v [N, KVH, hd] (grouped
+    query heads when KVH < H). A token outside every span gets zeros. Spans of equal length run as one batch, so
+    no [tokens x tokens] mask is ever built: memory and time grow with the spans' squared lengths, not N^2."""
+    out = q.new_zeros(q.shape)
+    by_len = {}
+    for start, end in spans:
+        by_len.setdefault(end - start, []).append(start)
+    for n, starts in by_len.items():
+        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(n, device=q.device)).flatten()
+        qs, ks, vs = (t[idx].view(len(starts), n, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=ks.shape[1] != qs.shape[1])
+        out[idx] = o.transpose(1, 2).reshape(-1, q.shape[1], o.shape[-1])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision tower
 
@@ -213,18 +229,8 @@ class VisionAttention(nn.Module):
         # Rotary in fp32, as in training; cos/sin are [n, 1, hd].
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        out = torch.empty_like(q)
-        # Attention stays inside each image. Images of equal size run as one batch, so no dense
-        # [all patches x all patches] mask is ever built.
-        starts = [0] + torch.tensor(lengths).cumsum(0).tolist()
-        by_len = {}
-        for i, n_i in enumerate(lengths):
-            by_len.setdefault(n_i, []).append(starts[i])
-        for n_i, offs in by_len.items():
-            idx = (torch.tensor(offs, device=x.device)[:, None] + torch.arange(n_i, device=x.device)).flatten()
-            qs, ks, vs = (t[idx].view(len(offs), n_i, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs)
-            out[idx] = o.transpose(1, 2).reshape(-1, self.heads, o.shape[-1])
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        out = span_attention(q, k, v, zip([0] + ends[:-1], ends), causal=False)  # attention stays inside each image
         return self.proj(out.view(n, dim))
 
 
@@ -343,9 +349,10 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.kv_heads * self.hd)
         self.o_proj = Linear(self.heads * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0, decode: bool = False):
-        """Self-attention over x; with `cache`, the prefill (decode False: x is the prompt, its keys and values are
-        stored) or a decode step (decode True: x is the new tokens, attending to the cache)."""
+    def forward(self, x, cos, sin, spans=None, cache: KVCache | None = None, layer: int = 0, decode: bool = False):
+        """Causal self-attention over x: within each row (spans None), or within each (row, start, end) of `spans`
+        (packed samples, left padding: see attention_spans). With `cache`, the prefill (decode False: x is the
+        prompt, its keys and values are stored) or a decode step (decode True: new tokens against the cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.hd).transpose(1, 2)
@@ -357,8 +364,12 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 cache.prefix.append((k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.kv_heads != self.heads)
+            if spans is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+            else:
+                flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], self.hd) for t in (q, k, v)]
+                out = span_attention(*flat, [(b * T + s, b * T + e) for b, s, e in spans], causal=True)
+                out = out.view(B, T, self.heads, self.hd).transpose(1, 2)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _decode(self, q, k, v, cache: KVCache, layer):
@@ -407,8 +418,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, decode=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, decode)
+    def forward(self, x, cos, sin, spans=None, cache=None, layer=0, decode=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, spans, cache, layer, decode)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -433,16 +444,24 @@ def mrope_cos_sin(position_ids, cfg: Qwen2VLConfig, dtype):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def attention_mask_4d(segments):
-    """[B, T] segment ids (0 = padding, equal ids attend to each other) -> [B, 1, T, T] bool, causal.
-
-    A padding query may see itself only: it must see something, or softmax gives NaN."""
-    T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    same = segments[:, :, None] == segments[:, None, :]
-    m = same & causal & (segments[:, None, :] > 0)
-    m = m | torch.eye(T, dtype=torch.bool, device=segments.device)
-    return m[:, None]
+def attention_spans(segments):
+    """How causal attention is cut, from [B, T] segment ids (0 = padding; tokens attend to earlier tokens of their
+    own id): None when each row is one segment from position 0 (no padding, or only on the right, where causal
+    attention alone is exact for every real token), else [(row, start, end)] of every segment (packed samples,
+    left padding), for span_attention. Padding tokens outside every span get zero attention output."""
+    if segments is None:
+        return None
+    seg = segments.cpu()
+    B, T = seg.shape
+    cut = torch.ones(B, T, dtype=torch.bool)
+    cut[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    spans = []
+    for b in range(B):
+        starts = torch.nonzero(cut[b]).flatten().tolist() + [T]
+        spans += [(b, s, e) for s, e in zip(starts, starts[1:]) if seg[b, s] > 0]
+    if len(spans) == B and all(s == 0 for _, s, _ in spans):
+        return None
+    return spans
 
 
 def rope_index(input_ids, attention_mask, image_grid_thw, cfg: Qwen2VLConfig):
@@ -598,22 +617,19 @@ class Qwen2VL(nn.Module):
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
-        mask = None
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            mask = attention_mask_4d(attention_mask)
-        x = self.model.norm(self.run_decoder(x, cos, sin, mask))
+        x = self.model.norm(self.run_decoder(x, cos, sin, attention_spans(attention_mask)))
         if targets is not None:  # inside forward, so a sharded lm_head is gathered like every other weight
             return token_logprobs(x, self.lm_head.weight, targets, chunk_size)
         return x if return_hidden else self.lm_head(x)
 
-    def run_decoder(self, x, cos, sin, mask, cache: KVCache | None = None, decode: bool = False):
+    def run_decoder(self, x, cos, sin, spans=None, cache: KVCache | None = None, decode: bool = False):
         """The decoder stack, before the final norm: a forward (activation-checkpointed when on and training), the
         prefill that fills `cache`, or one decode step that reads it."""
         for i, layer in enumerate(self.model.layers):
             if self.grad_ckpt and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, spans, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i, decode)
+                x = layer(x, cos, sin, spans, cache, i, decode)
         return x
 
     # -- generation --------------------------------------------------------------------------------------------
@@ -621,8 +637,7 @@ class Qwen2VL(nn.Module):
         """Run the (left-padded) prompts once, storing their keys and values in `cache`; next-token logits [B, V]."""
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
-        mask = None if bool(attention_mask.all()) else attention_mask_4d(attention_mask)
-        x = self.run_decoder(x, cos, sin, mask, cache)
+        x = self.run_decoder(x, cos, sin, attention_spans(attention_mask), cache)
         cache.prefix_valid = attention_mask.bool()
         return self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
 

@@ -125,6 +125,45 @@ def test_packed_rows_equal_separate_samples(pair):
     assert rel_err(lp[0, :len(a)], la[0]) < 1e-5 and rel_err(lp[0, len(a):], lb[0]) < 1e-5
 
 
+def dense_mask_attention(q, k, v, segments):
+    """The plain reference: an explicit [B, 1, T, T] causal mask within each segment id (0 = padding; a padding
+    query sees only itself), through SDPA's math path."""
+    T = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    m = same & torch.ones(T, T, dtype=torch.bool).tril() & (segments[:, None, :] > 0) | torch.eye(T, dtype=torch.bool)
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=m[:, None])
+
+
+@pytest.mark.parametrize("layout", ["packed", "left_padded", "both"])
+def test_span_attention_equals_the_dense_mask(layout):
+    """Packed rows and left padding run per span (no [T x T] mask): equal to a dense-mask SDPA on every real token,
+    in values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    rows = {"packed": [[1] * 7 + [2] * 5 + [3] * 3 + [0] * 2, [1] * 9 + [2] * 8],
+            "left_padded": [[0] * 6 + [1] * 11, [0] * 2 + [1] * 15, [1] * 17],
+            "both": [[0] * 4 + [1] * 13, [1] * 5 + [2] * 12, [1] * 17]}[layout]
+    seg = torch.tensor(rows)
+    B, T = seg.shape
+    q = torch.randn(B, 4, T, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(B, 2, T, 16, generator=g, requires_grad=True) for _ in range(2))
+    spans = M.attention_spans(seg)
+    assert spans is not None
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], 16) for t in (q, k, v)]
+    got = M.span_attention(*flat, [(b * T + s, b * T + e) for b, s, e in spans], causal=True)
+    got = got.view(B, T, 4, 16).transpose(1, 2)
+    want = dense_mask_attention(q, k, v, seg)
+    real = (seg > 0)[:, None, :, None]
+    assert (got - want).abs().masked_select(real).max() < 1e-6
+    assert (got.masked_select(~real) == 0).all()
+    w = torch.randn(got.shape, generator=g) * real
+    grads = [torch.autograd.grad((x * w).sum(), (q, k, v)) for x in (got, want)]
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-5
+    assert M.attention_spans(torch.tensor([[1] * 5 + [0] * 3, [1] * 8])) is None  # right padding: causal alone
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_greedy_generation_equals_transformers(pair, onednn, monkeypatch):
     # generate runs its CPU fp32 products on oneDNN (model.ONEDNN_CPU_LINEAR), plain forwards on F.linear
