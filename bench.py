@@ -26,6 +26,27 @@ import checkpoint as CK
 import model as M
 from training import PeakMemory
 
+# Memory bandwidth (TB/s) of the GPUs a decode step is measured against: at batch 1 every generated token reads
+# all decoder weights once, so bandwidth / weight bytes is the fastest decode possible (the roofline).
+BANDWIDTH_TBS = {"H200": 4.8, "H100 SXM": 3.35, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.04,
+                 "A100": 1.56, "L40S": 0.864}
+
+
+def decode_roofline(device: str, cfg: M.Qwen2VLConfig, dtype) -> float | None:
+    """Tokens/s per row at batch 1 if decoding only streamed the decoder and output-head weights at the GPU's
+    bandwidth (None off CUDA or for an unknown GPU)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    tbs = next((v for k, v in BANDWIDTH_TBS.items() if k in name), None)
+    if tbs is None:
+        return None
+    d, i, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_layer = d * (d + 2 * kv) + d * d + 3 * d * i
+    return tbs * 1e12 / ((L * per_layer + V * d) * torch.empty(0, dtype=dtype).element_size())
+
+
 def make_checkpoint(folder, layers, vision_depth, dtype, seed=0):
     """Random weights at the 2B widths (the config's defaults), `layers` and `vision_depth` deep, in HF layout."""
     cfg = M.Qwen2VLConfig(num_hidden_layers=layers, vision=M.VisionConfig(depth=vision_depth))
@@ -59,8 +80,8 @@ def child(a):
     ids, mask, pv, thw = None, None, None, None
     if a.impl == "ours":
         m = CK.load(a.ckpt, dtype=dtype, device=dev)
-        if a.compile:
-            m.forward = torch.compile(m.forward)
+        if a.compile:  # what generate repeats; a CUDA graph on GPU
+            m.compile_decode("reduce-overhead" if dev.startswith("cuda") else None)
 
         def gen(n):
             return m.generate(ids, mask, pv, thw, max_new_tokens=n, eos_token_ids=[])
@@ -95,7 +116,8 @@ def child(a):
     assert out.shape[-1] >= a.new_tokens
     p, tt = statistics.median(prefill), statistics.median(total)
     print(json.dumps({"impl": a.impl, "prefill_s": p, "decode_tok_s": a.batch * (a.new_tokens - 1) / max(tt - p, 1e-9),
-                      "peak_mem_gb": mem.bytes() / 1e9, "prompt_tokens": ids.shape[1]}))
+                      "peak_mem_gb": mem.bytes() / 1e9, "prompt_tokens": ids.shape[1],
+                      "roofline_tok_s": decode_roofline(dev, cfg, dtype)}))
 
 
 def rollout_bench(a):
@@ -154,7 +176,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions inside each trial (median)")
     ap.add_argument("--trials", type=int, default=2, help="fresh processes per implementation, run A B A B")
     ap.add_argument("--impls", default="ours,transformers", help="which implementations to run")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our forward (GPU)")
+    ap.add_argument("--compile", action="store_true", help="compile our decode step (a CUDA graph on GPU)")
     ap.add_argument("--ckpt", default=None, help="an existing checkpoint instead of random 2B-width weights")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--group", type=int, default=4, help="rollout: completions per prompt (G)")
@@ -199,6 +221,11 @@ def main(argv=None):
     for impl in impls:
         s = summary[impl]
         print(f"| {impl:12} | {s['prefill_s']:.3f} | {s['decode_tok_s']:.2f} | {s['peak_mem_gb']:.2f} |")
+    roof = results[impls[0]][0].get("roofline_tok_s")
+    if roof:  # at batch B the weights are read once for B rows: B x the batch-1 roofline, until compute binds
+        summary["roofline_tok_s"] = roof * a.batch
+        print("decode vs the bandwidth roofline (" + f"{roof * a.batch:.0f} tok/s): " + ", ".join(
+            f"{i} {summary[i]['decode_tok_s'] / (roof * a.batch):.0%}" for i in impls))
     if "ours" in summary and "transformers" in summary:
         o, t = summary["ours"], summary["transformers"]
         summary["ratio"] = {"prefill_speedup": t["prefill_s"] / o["prefill_s"],

@@ -160,7 +160,8 @@ ONEDNN_CPU_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
 
 def linear(x, weight, bias=None):
     """F.linear, through oneDNN for CPU fp32 under inference mode (see ONEDNN_CPU_LINEAR)."""
-    if (ONEDNN_CPU_LINEAR and torch.is_inference_mode_enabled() and x.device.type == "cpu"
+    if (ONEDNN_CPU_LINEAR and not torch.compiler.is_compiling()  # compiled code picks its own kernels
+            and torch.is_inference_mode_enabled() and x.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32
             and type(weight) in (torch.Tensor, nn.Parameter)):  # not a DTensor shard
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.contiguous(), bias, "none", [], "")
@@ -329,15 +330,23 @@ class KVCache:
     With `group` samples per prompt, the prompt part is [B, kv_heads, P, hd] and is read by all of the prompt's
     samples, so G completions cost no copy of the prompt (image tokens included).
 
+    The generated part is static: buffers of all N new positions, zero-filled, written at `pos` (a tensor) and
+    read whole with the positions past `pos` hidden. Every decode step then has the same shapes and no Python
+    state, so torch.compile can capture it once (and replay it as a CUDA graph).
+
     A plain class on purpose, not a dataclass: wrappers that rebuild a layer's inputs (FSDP's input cast copies
     dataclasses and lists) pass it through untouched, so what the prefill stores is what decoding reads."""
 
-    def __init__(self, prefix: list, prefix_valid, k: torch.Tensor, v: torch.Tensor, group: int = 1):
-        self.prefix = prefix  # per layer (k, v) [B, KVH, P, hd]
-        self.prefix_valid = prefix_valid  # [B, P] bool, False on padding
-        self.k, self.v = k, v  # [L, B, KVH, G, N, hd]
+    def __init__(self, layers: int, batch: int, kv_heads: int, group: int, new_tokens: int, head_dim: int, dtype,
+                 device):
+        self.prefix = []  # per layer (k, v) [B, KVH, P, hd], appended by the prefill
+        self.prefix_valid = None  # [B, P] bool, False on padding
+        shape = (layers, batch, kv_heads, group, new_tokens, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: hidden positions must not hold NaN
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.group = group
-        self.n = 0  # generated positions written so far
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the generated position written next
+        self.positions = torch.arange(new_tokens, device=device)
 
 
 class Attention(nn.Module):
@@ -373,30 +382,28 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _decode(self, q, k, v, cache: KVCache, layer):
-        """New tokens against [prompt | generated], the prompt read once for all of a prompt's samples.
+        """One new token per row against [prompt | generated], the prompt read once for all of a prompt's samples.
 
-        Layout [B, kv_heads, G, queries, ...]: the query heads that share a kv head and the G samples that share
-        a prompt fold into one matrix product with the prompt's keys (plain matmuls: einsum is slow here)."""
-        BG, H, T, hd = q.shape
-        G, n = cache.group, cache.n
+        Layout [B, kv_heads, G, heads per kv head, ...]: the query heads that share a kv head and the G samples that
+        share a prompt fold into one matrix product with the prompt's keys (plain matmuls: einsum is slow here)."""
+        BG, H, _, hd = q.shape
+        G = cache.group
         pk, pv = cache.prefix[layer]
         B, KVH = pk.shape[0], pk.shape[1]
         rep = H // KVH
-        cache.k[layer, :, :, :, n:n + T] = k.reshape(B, G, KVH, T, hd).transpose(1, 2)
-        cache.v[layer, :, :, :, n:n + T] = v.reshape(B, G, KVH, T, hd).transpose(1, 2)
-        sk, sv = cache.k[layer, :, :, :, :n + T], cache.v[layer, :, :, :, :n + T]  # [B, KVH, G, n+T, hd]
-        qg = q.reshape(B, G, KVH, rep * T, hd).transpose(1, 2) * (1.0 / math.sqrt(hd))  # [B, KVH, G, rep*T, hd]
+        at = cache.pos.view(1)
+        cache.k[layer].index_copy_(3, at, k.reshape(B, G, KVH, 1, hd).transpose(1, 2))
+        cache.v[layer].index_copy_(3, at, v.reshape(B, G, KVH, 1, hd).transpose(1, 2))
+        sk, sv = cache.k[layer], cache.v[layer]  # [B, KVH, G, N, hd], the whole buffer
+        qg = q.reshape(B, G, KVH, rep, hd).transpose(1, 2) * (1.0 / math.sqrt(hd))  # [B, KVH, G, rep, hd]
         P = pk.shape[2]
-        sp = (qg.reshape(B, KVH, G * rep * T, hd) @ pk.transpose(-1, -2)).view(B, KVH, G, rep * T, P)
+        sp = (qg.reshape(B, KVH, G * rep, hd) @ pk.transpose(-1, -2)).view(B, KVH, G, rep, P)
         sp = sp.float().masked_fill(~cache.prefix_valid[:, None, None, None, :], float("-inf"))
-        ss = (qg @ sk.transpose(-1, -2)).float()  # [B, KVH, G, rep*T, n+T]
-        if T > 1:  # causal among the new tokens
-            causal = torch.ones(T, n + T, dtype=torch.bool, device=q.device).tril(n)
-            ss = ss.view(B, KVH, G, rep, T, n + T).masked_fill(~causal, float("-inf")).view_as(ss)
+        ss = (qg @ sk.transpose(-1, -2)).float().masked_fill(cache.positions > cache.pos, float("-inf"))
         p = torch.cat([sp, ss], dim=-1).softmax(-1).to(q.dtype)  # softmax in fp32
-        out = (p[..., :P].reshape(B, KVH, G * rep * T, P) @ pv).view(B, KVH, G, rep * T, hd)
+        out = (p[..., :P].reshape(B, KVH, G * rep, P) @ pv).view(B, KVH, G, rep, hd)
         out = out + p[..., P:] @ sv
-        return out.transpose(1, 2).reshape(BG, H, T, hd)
+        return out.transpose(1, 2).reshape(BG, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -530,6 +537,7 @@ class Qwen2VL(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.grad_ckpt = False
+        self._decode_fn = None  # compile_decode's compiled decode_step
         self.source_dir = None  # where tokenizer/preprocessor files come from when saving
         self.generation_eos = None  # eos ids from generation_config.json, if the checkpoint has one
 
@@ -643,12 +651,18 @@ class Qwen2VL(nn.Module):
 
     def decode_step(self, tokens, positions, cache: KVCache):
         """One new token per row ([rows]) at `positions` ([rows], equal on the three M-RoPE axes) against the
-        cache; next-token logits [rows, V]."""
+        cache, written at cache.pos; next-token logits [rows, V]. The step generate repeats: compile_decode
+        compiles it whole."""
         x = self.model.embed_tokens(tokens)[:, None]
         cos, sin = mrope_cos_sin(positions.view(1, -1, 1).expand(3, -1, 1), self.config, x.dtype)
         x = self.run_decoder(x, cos, sin, None, cache, decode=True)
-        cache.n += 1
         return self.lm_head(self.model.norm(x[:, -1:]))[:, 0]
+
+    def compile_decode(self, mode: str | None = None) -> "Qwen2VL":
+        """Compile decode_step with torch.compile (fullgraph); generate then runs the compiled step. mode
+        "reduce-overhead" replays it as a CUDA graph on GPU, where an eager step is bound by kernel launches."""
+        self._decode_fn = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+        return self
 
     def default_eos(self):
         return list(self.generation_eos or self.config.eos_token_id)
@@ -687,10 +701,7 @@ class Qwen2VL(nn.Module):
         if max_new_tokens == 0:
             return (out, logps) if return_logprobs else out
 
-        kvh, hd, L = c.num_key_value_heads, c.head_dim, c.num_hidden_layers
-        cache = KVCache(prefix=[], prefix_valid=None,
-                        k=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev),
-                        v=torch.empty(L, B, kvh, G, max_new_tokens, hd, dtype=self.dtype, device=dev), group=G)
+        cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, G, max_new_tokens, c.head_dim, self.dtype, dev)
         logits = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, pos, cache)
         # Image/video placeholders stand for vision features: a generated one could not be fed back (the update
         # forward of GRPO would look for its image), so they are never sampled.
@@ -700,8 +711,10 @@ class Qwen2VL(nn.Module):
 
         gens = generator if isinstance(generator, (list, tuple)) else None
         done = torch.zeros(B * G, dtype=torch.bool, device=dev)
+        length = torch.full((B * G,), max_new_tokens, dtype=torch.long, device=dev)  # stop token included
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
-        steps = 0
+        step_fn = self._decode_fn or self.decode_step
+        check = 8 if dev.type == "cuda" else 1  # "all stopped?" syncs a GPU: ask every few steps there
         for step in range(max_new_tokens):
             tok, lp = sample_tokens(logits, temperature, top_p, top_k, generator=generator, generators=gens, group=G,
                                     want_logprobs=return_logprobs, banned=never)
@@ -709,11 +722,14 @@ class Qwen2VL(nn.Module):
             out[:, step] = tok
             if return_logprobs:
                 logps[:, step] = torch.where(done, torch.zeros_like(lp), lp)
-            done = done | torch.isin(tok, eos_t)
-            steps = step + 1
-            if bool(done.all()) or step == max_new_tokens - 1:
+            stop = ~done & torch.isin(tok, eos_t)
+            length = torch.where(stop, step + 1, length)
+            done = done | stop
+            if step == max_new_tokens - 1 or (step % check == check - 1 and bool(done.all())):
                 break
-            logits = self.decode_step(tok, next_pos + step, cache)
+            logits = step_fn(tok, next_pos + cache.pos, cache)
+            cache.pos += 1
+        steps = int(length.max()) if bool(done.all()) else step + 1  # columns after every row stopped: dropped
         out = out[:, :steps]
         return (out, logps[:, :steps]) if return_logprobs else out
 

@@ -153,7 +153,7 @@ def rollout(model, batch, group, max_len, temperature, seeds, eos, device):
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     pv = batch["pixel_values"]
     model.eval()
-    with gathered(model):
+    with gathered(model), torch.compiler.set_stance("force_eager"):  # --compile compiles the update, not decoding
         tokens = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                 pv.to(device) if pv is not None else None, batch["image_grid_thw"],
                                 max_new_tokens=max_len, temperature=temperature, num_samples=group,

@@ -266,6 +266,7 @@ def common_args(ap, **defaults):
     a("--max-pixels", type=int, default=1280 * 28 * 28)
     a("--seed", type=int, default=0)
     a("--grad-ckpt", action="store_true", help="activation checkpointing of every layer and vision block")
+    a("--compile", action="store_true", help="torch.compile every decoder layer and vision block (before sharding)")
     a("--freeze-vision", action="store_true")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (0: only OUT/final)")
     a("--keep", type=int, default=None, help="keep only the newest K checkpoints")
@@ -300,13 +301,16 @@ def build_model(args, d: Dist, resume: str | None, frozen: dict):
     def prepare(m):
         freeze(m, **frozen)
         m.set_grad_checkpointing(args.grad_ckpt)
+        if args.compile:  # per block, as FSDP shards them: each compiles once, its gathers stay outside the graph
+            for block in [*m.visual.blocks, *m.model.layers]:
+                block.compile()
     model = load_sharded(resume or args.model, d, args.bf16, prepare)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise SystemExit("everything is frozen: nothing to train")
     groups = param_groups(model, args.lr, getattr(args, "merger_lr", None), args.vision_lr, args.weight_decay)
-    return model, torch.optim.AdamW(groups), trainable
+    return model, torch.optim.AdamW(groups, fused=d.device.type == "cuda"), trainable  # fused: one kernel, GPU
 
 
 def resume_optimizer(resume: str | None, model, optimizer, d: Dist, schedule: dict) -> int:

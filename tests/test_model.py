@@ -203,6 +203,22 @@ def test_generation_stops_per_row_and_pads(pair):
     assert got.shape[1] == (12 if None in first else max(first) + 1)
 
 
+def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_ckpt):
+    """compile_decode: the static-cache step compiled whole (fullgraph) decodes exactly what the eager step does,
+    on left-padded prompts with an image and two samples each."""
+    model = CK.load(tiny_ckpt[0])
+    cfg = model.config
+    pv, thw = oracle_images([(70, 98), (56, 56)])
+    rows = [build_ids(cfg, ["user\n", int(thw[0].prod()) // 4, "Where is the runway?"]),
+            build_ids(cfg, [int(thw[1].prod()) // 4, "Count the ships"])]
+    ids, mask = left_pad(rows, cfg.pad_token_id)
+    eager = model.generate(ids, mask, pv, thw, max_new_tokens=10, num_samples=2, eos_token_ids=[])
+    compiled = model.compile_decode().generate(ids, mask, pv, thw, max_new_tokens=10, num_samples=2,
+                                               eos_token_ids=[])
+    assert model._decode_fn is not None and eager.shape == (4, 10)
+    assert torch.equal(compiled, eager)
+
+
 def test_num_samples_encode_once_and_match_teacher_forcing(pair):
     """G samples per prompt: the vision tower runs once for the batch, each prompt's samples come from its own
     generator, and the returned log-probs equal a teacher-forced forward pass over prompt + completion."""
