@@ -7,6 +7,7 @@ medians over trials and the ratio ours / transformers. Default: the real Qwen2-V
     python bench.py --layers 4 --dtype bfloat16 --json out.json
     python bench.py --device cuda --dtype bfloat16 --batch 16
     python bench.py rollout --layers 8 --group 4    # GRPO rollout: one batched call vs G calls per prompt
+    python bench.py train --device cuda --nproc 8  # SFT tokens/s per GPU and MFU, a GRPO step's split
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import torch
 import checkpoint as CK
 import model as M
 from training import PeakMemory
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Memory bandwidth (TB/s) of the GPUs a decode step is measured against: at batch 1 every generated token reads
 # all decoder weights once, so bandwidth / weight bytes is the fastest decode possible (the roofline).
@@ -159,11 +162,50 @@ def rollout_bench(a):
             json.dump(out, f, indent=2)
 
 
+def train_bench(a):
+    """Short runs of train_sft.py (packed, activation checkpointing; bf16 on GPU) and train_grpo.py on the synthetic
+    world's data, at the 2B widths (a.layers / a.vision_depth deep; the vocabulary is the synthetic tokenizer's, so
+    the output head is smaller than the real 152k rows): SFT tokens/s per rank and MFU (known GPUs), and where a
+    GRPO step's time goes (rollout, scoring, update). Medians over the steps after the first."""
+    import synth
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    try:
+        data, ckpt = os.path.join(tmp, "synth"), os.path.join(tmp, "model")
+        synth.write_synth(data, 0, n_pretrain=4, n_sft=max(64, a.steps * a.global_batch), n_grpo=64, n_eval=4)
+        synth.write_tiny(ckpt, hidden=1536, layers=a.layers, heads=12, kv_heads=2, intermediate=8960,
+                         vision_depth=a.vision_depth, vision_dim=1280, vision_heads=16)
+        launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                        f"--nproc_per_node={a.nproc}"] if a.nproc > 1 else [])
+        common = ["--model", ckpt, "--image-root", data, "--max-steps", str(a.steps), "--device", a.device,
+                  "--grad-ckpt"]
+        runs = {"sft": [os.path.join(ROOT, "train_sft.py"), *common, "--data", os.path.join(data, "sft.json"),
+                        "--out", os.path.join(tmp, "sft"), "--global-batch", str(a.global_batch), "--micro-batch",
+                        str(a.global_batch // a.nproc), "--pack", "--no-balance"],
+                "grpo": [os.path.join(ROOT, "train_grpo.py"), *common, "--data", os.path.join(data, "grpo.jsonl"),
+                         "--out", os.path.join(tmp, "grpo"), "--prompts-per-step", str(a.nproc * a.batch),
+                         "--num-generations", str(a.group), "--max-completion-len", str(a.new_tokens)]}
+        summary = {}
+        for name, cmd in runs.items():
+            out = subprocess.run(launcher + cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{name} run failed:\n{out.stderr[-3000:]}")
+            with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
+                steps = [json.loads(line) for line in f][1:] or [{}]
+            keys = ("tokens_per_s", "mfu", "step_s") if name == "sft" else (
+                "rollout_s", "scoring_s", "update_s", "rollout_tokens_per_s")
+            summary[name] = {k: statistics.median(s[k] for s in steps) for k in keys if k in steps[0]}
+        summary["sft"]["tokens_per_s_per_rank"] = summary["sft"].pop("tokens_per_s") / a.nproc
+        print(json.dumps(summary, indent=2))
+        return summary
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None):
     import sys as _sys
     argv = _sys.argv[1:] if argv is None else argv
-    rollout = argv[:1] == ["rollout"]
-    argv = argv[1:] if rollout else argv
+    mode = argv[0] if argv[:1] in (["rollout"], ["train"]) else None
+    argv = argv[1:] if mode else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=28, help="decoder layers (2B: 28)")
     ap.add_argument("--vision-depth", type=int, default=32, help="vision blocks (2B: 32)")
@@ -179,11 +221,16 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="compile our decode step (a CUDA graph on GPU)")
     ap.add_argument("--ckpt", default=None, help="an existing checkpoint instead of random 2B-width weights")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--group", type=int, default=4, help="rollout: completions per prompt (G)")
+    ap.add_argument("--group", type=int, default=4, help="rollout, train: completions per prompt (G)")
+    ap.add_argument("--steps", type=int, default=4, help="train: optimizer steps of each run")
+    ap.add_argument("--global-batch", type=int, default=16, help="train: SFT samples per step")
+    ap.add_argument("--nproc", type=int, default=1, help="train: ranks (torchrun)")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)  # internal: run one trial
     a = ap.parse_args(argv)
-    if rollout:
+    if mode == "rollout":
         return rollout_bench(a)
+    if mode == "train":
+        return train_bench(a)
     if a.impl:
         return child(a)
 

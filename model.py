@@ -150,12 +150,22 @@ def pick_dtype(name: str, device) -> torch.dtype:
     return (torch.bfloat16 if str(device).startswith("cuda") else torch.float32) if name == "auto" else DTYPES[name]
 
 
+def _amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
 # Under inference mode (generate: evaluation, GRPO rollouts, the CLI) CPU fp32 matrix products run on oneDNN
-# rather than the BLAS behind F.linear: on the CPU we measured (AMD EPYC, 2 cores), MKL reached ~20 GB/s on the
-# one-row products of decoding and ~175 GFLOPS on prefill, oneDNN ~37 GB/s and ~400 GFLOPS on the same weights,
-# with no copy or reordering of them. Plain forward passes (training, reference log-probs) keep F.linear, so a
-# forward gives the same bits with and without grad. Set to False to compare.
-ONEDNN_CPU_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# rather than the BLAS behind F.linear when the CPU is AMD's. MKL, that BLAS, is Intel's library and takes
+# slower paths on AMD: on a 2-core AMD EPYC it reached ~20 GB/s on the one-row products of decoding and ~175
+# GFLOPS on prefill, oneDNN ~37 GB/s and ~400 GFLOPS on the same weights (2B fp32 decode 1.8x faster); on a
+# 2-core Intel Xeon MKL is the faster one (2B fp32 decode 4.40 against 3.78 tok/s). Plain forward passes
+# (training, reference log-probs) keep F.linear, so a forward gives the same bits with and without grad.
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_CPU_LINEAR = ONEDNN_AVAILABLE and _amd_cpu()
 
 
 def linear(x, weight, bias=None):
