@@ -101,7 +101,7 @@ def child(a):
                 return m.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                                   pad_token_id=0, **kw)
-    cfg = M.Qwen2VLConfig.from_dict(json.load(open(os.path.join(a.ckpt, "config.json"))))
+    cfg = CK.config_from_json(json.load(open(os.path.join(a.ckpt, "config.json"))))
     ids, mask, pv, thw = inputs(cfg, a.batch, a.image_size, a.text_tokens, dev)
     gen(2)  # warm-up
     prefill, total = [], []

@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-from model import Qwen2VL, Qwen2VLConfig
+from model import Qwen2VL, Qwen2VLConfig, VisionConfig
 
 
 def load(path, dtype=torch.float32, device="cpu") -> Qwen2VL:
@@ -35,7 +35,7 @@ def load(path, dtype=torch.float32, device="cpu") -> Qwen2VL:
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
     with open(cfg_path) as f:
-        config = Qwen2VLConfig.from_dict(json.load(f), cfg_path)
+        config = config_from_json(json.load(f), cfg_path)
     model = Qwen2VL.empty(config, dtype, device)
     if torch.device(device).type != "meta":
         load_weights(model, folder)
@@ -47,6 +47,70 @@ def load(path, dtype=torch.float32, device="cpu") -> Qwen2VL:
         if g is not None:
             model.generation_eos = g if isinstance(g, list) else [g]
     return model.eval()
+
+
+def config_from_json(d: dict, source: str = "config.json") -> Qwen2VLConfig:
+    """Read the original flat layout and the newer nested (`text_config`) one."""
+    model_type = d.get("model_type", "")
+    if model_type != "qwen2_vl":
+        archs = d.get("architectures") or []
+        raise ValueError(f"{source}: model_type {model_type!r} (architectures {archs}) is not Qwen2-VL; this "
+                         f"code implements Qwen2-VL only (Qwen2.5-VL and others differ in the vision tower).")
+    text = dict(d)
+    text.update(d.get("text_config") or {})  # nested values win: that is where newer exports keep them
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    vis = d.get("vision_config") or {}
+    vrope = vis.get("rope_parameters") or {}
+    vision = VisionConfig(
+        depth=vis.get("depth", 32), embed_dim=vis.get("embed_dim", 1280), num_heads=vis.get("num_heads", 16),
+        mlp_ratio=vis.get("mlp_ratio", 4.0), patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
+        temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
+        in_chans=vis.get("in_chans", vis.get("in_channels", 3)), hidden_size=vis.get("hidden_size", 1536),
+        rope_theta=vrope.get("rope_theta", 10000.0))
+    eos = text.get("eos_token_id", d.get("eos_token_id", 151645))
+    cfg = Qwen2VLConfig(
+        hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+        num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
+        num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", text.get("rope_theta", 1e6)),
+        mrope_section=list(rope.get("mrope_section", [16, 24, 24])), vocab_size=text["vocab_size"],
+        tie_word_embeddings=d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        image_token_id=d.get("image_token_id", 151655), video_token_id=d.get("video_token_id", 151656),
+        vision_start_token_id=d.get("vision_start_token_id", 151652),
+        vision_end_token_id=d.get("vision_end_token_id", 151653),
+        bos_token_id=text.get("bos_token_id", d.get("bos_token_id")),
+        eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+        pad_token_id=text.get("pad_token_id", d.get("pad_token_id")), vision=vision)
+    cfg.validate(source)
+    return cfg
+
+
+def config_to_json(config: Qwen2VLConfig) -> dict:
+    """The original flat layout: the one Qwen2-VL-2B-Instruct ships and every transformers version reads."""
+    v, c = config.vision, config
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": list(c.mrope_section)},
+        "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings, "max_window_layers": c.num_hidden_layers,
+        "use_sliding_window": False, "sliding_window": c.max_position_embeddings, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "use_cache": True,
+        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
+        "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id[0] if len(c.eos_token_id) == 1 else list(c.eos_token_id),
+        "pad_token_id": c.pad_token_id,
+        "vision_config": {"depth": v.depth, "embed_dim": v.embed_dim, "num_heads": v.num_heads,
+                          "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+                          "patch_size": v.patch_size, "hidden_act": "quick_gelu",
+                          "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+                          "in_chans": v.in_chans, "hidden_size": v.hidden_size},
+    }
 
 
 def save_model(model: Qwen2VL, out_dir, state_dict=None, max_shard_bytes=5 * 1024 ** 3, extra_files=None):
@@ -277,7 +341,7 @@ def save(config: Qwen2VLConfig, state_dict, out_dir, source_dir=None, max_shard_
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        cfg = config.to_dict()
+        cfg = config_to_json(config)
         cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)

@@ -1,5 +1,6 @@
 """Qwen2-VL in plain PyTorch: configuration, vision tower, patch merger, Qwen2 decoder with M-RoPE, KV cache,
-sampling and generation. It imports nothing else of this project; checkpoint files are checkpoint.py's.
+sampling and generation. It imports nothing else of this project; checkpoint files (config.json's layouts,
+safetensors) are checkpoint.py's.
 
 Module and parameter names follow the original checkpoint layout (`model.layers.0.self_attn.q_proj.weight`,
 `visual.blocks.0.attn.qkv.weight`, ...), so a state dict maps onto a checkpoint with no renaming table.
@@ -62,44 +63,6 @@ class Qwen2VLConfig:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2VLConfig":
-        """Read the original flat layout and the newer nested (`text_config`) one."""
-        model_type = d.get("model_type", "")
-        if model_type != "qwen2_vl":
-            archs = d.get("architectures") or []
-            raise ValueError(f"{source}: model_type {model_type!r} (architectures {archs}) is not Qwen2-VL; this "
-                             f"code implements Qwen2-VL only (Qwen2.5-VL and others differ in the vision tower).")
-        text = dict(d)
-        text.update(d.get("text_config") or {})  # nested values win: that is where newer exports keep them
-        rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-        vis = d.get("vision_config") or {}
-        vrope = vis.get("rope_parameters") or {}
-        vision = VisionConfig(
-            depth=vis.get("depth", 32), embed_dim=vis.get("embed_dim", 1280), num_heads=vis.get("num_heads", 16),
-            mlp_ratio=vis.get("mlp_ratio", 4.0), patch_size=vis.get("patch_size", vis.get("spatial_patch_size", 14)),
-            temporal_patch_size=vis.get("temporal_patch_size", 2), spatial_merge_size=vis.get("spatial_merge_size", 2),
-            in_chans=vis.get("in_chans", vis.get("in_channels", 3)), hidden_size=vis.get("hidden_size", 1536),
-            rope_theta=vrope.get("rope_theta", 10000.0))
-        eos = text.get("eos_token_id", d.get("eos_token_id", 151645))
-        cfg = cls(
-            hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
-            num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", text.get("rope_theta", 1e6)),
-            mrope_section=list(rope.get("mrope_section", [16, 24, 24])), vocab_size=text["vocab_size"],
-            tie_word_embeddings=d.get("tie_word_embeddings", text.get("tie_word_embeddings", False)),
-            max_position_embeddings=text.get("max_position_embeddings", 32768),
-            image_token_id=d.get("image_token_id", 151655), video_token_id=d.get("video_token_id", 151656),
-            vision_start_token_id=d.get("vision_start_token_id", 151652),
-            vision_end_token_id=d.get("vision_end_token_id", 151653),
-            bos_token_id=text.get("bos_token_id", d.get("bos_token_id")),
-            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
-            pad_token_id=text.get("pad_token_id", d.get("pad_token_id")), vision=vision)
-        cfg.validate(source)
-        return cfg
-
     def validate(self, source="config"):
         problems = []
         if self.hidden_size % self.num_attention_heads:
@@ -112,32 +75,6 @@ class Qwen2VLConfig:
             problems.append("vision embed_dim not divisible by num_heads")
         if problems:
             raise ValueError(f"{source}: inconsistent Qwen2-VL config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict:
-        """The original flat layout: the one Qwen2-VL-2B-Instruct ships and every transformers version reads."""
-        v = self.vision
-        return {
-            "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": {"type": "mrope", "mrope_section": list(self.mrope_section)},
-            "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings, "max_window_layers": self.num_hidden_layers,
-            "use_sliding_window": False, "sliding_window": self.max_position_embeddings, "attention_dropout": 0.0,
-            "initializer_range": 0.02, "use_cache": True,
-            "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
-            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id),
-            "pad_token_id": self.pad_token_id,
-            "vision_config": {"depth": v.depth, "embed_dim": v.embed_dim, "num_heads": v.num_heads,
-                              "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-                              "patch_size": v.patch_size, "hidden_act": "quick_gelu",
-                              "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
-                              "in_chans": v.in_chans, "hidden_size": v.hidden_size},
-        }
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -712,6 +649,9 @@ class Qwen2VL(nn.Module):
             return (out, logps) if return_logprobs else out
 
         cache = KVCache(c.num_hidden_layers, B, c.num_key_value_heads, G, max_new_tokens, c.head_dim, self.dtype, dev)
+        if self._decode_fn is not None and dev.type == "cuda":  # a CUDA graph may write into these: fixed addresses
+            for t in (cache.k, cache.v, cache.pos, cache.positions):
+                torch._dynamo.mark_static_address(t)
         logits = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, pos, cache)
         # Image/video placeholders stand for vision features: a generated one could not be fed back (the update
         # forward of GRPO would look for its image), so they are never sampled.

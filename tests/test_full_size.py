@@ -27,7 +27,7 @@ QWEN2VL_2B = {
 
 def test_parameter_count_equals_transformers():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    cfg = M.Qwen2VLConfig.from_dict(QWEN2VL_2B)
+    cfg = CK.config_from_json(QWEN2VL_2B)
     with torch.device("meta"):
         ours = M.Qwen2VL(cfg)
         theirs = Qwen2VLForConditionalGeneration(Qwen2VLConfig(**QWEN2VL_2B))
@@ -64,7 +64,7 @@ LOAD_AND_ANSWER = textwrap.dedent("""
 
 
 def test_full_2b_builds_loads_sharded_and_answers_an_image(tmp_path):
-    m = M.init_weights(M.Qwen2VL.empty(M.Qwen2VLConfig.from_dict(QWEN2VL_2B), torch.bfloat16))
+    m = M.init_weights(M.Qwen2VL.empty(CK.config_from_json(QWEN2VL_2B), torch.bfloat16))
     ckpt = tmp_path / "qwen2vl-2b-random"
     CK.save_model(m, ckpt, max_shard_bytes=1024 ** 3)
     del m

@@ -333,8 +333,8 @@ def rewrite_checkpoint(src, dst, flat_config=False, key_prefix=False, shard_byte
         sd = {("model.language_model." + k[6:] if k.startswith("model.") else
                "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in sd.items()}
     if flat_config:
-        cfg = M.Qwen2VLConfig.from_dict(json.load(open(os.path.join(src, "config.json"))))
-        d = cfg.to_dict()
+        cfg = CK.config_from_json(json.load(open(os.path.join(src, "config.json"))))
+        d = CK.config_to_json(cfg)
         d["vision_config"]["in_chans"] = d["vision_config"].pop("in_chans")
         json.dump(d, open(os.path.join(dst, "config.json"), "w"))
     if shard_bytes:

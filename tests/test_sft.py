@@ -522,7 +522,7 @@ def test_start_up_holds_no_full_copy_on_any_rank(tmp_path):
            "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 8192, "tie_word_embeddings": True,
            "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
            "vision_config": {"depth": 1, "embed_dim": 64, "num_heads": 2, "hidden_size": 512}}
-    m = M.init_weights(M.Qwen2VL.empty(M.Qwen2VLConfig.from_dict(cfg)))
+    m = M.init_weights(M.Qwen2VL.empty(CK.config_from_json(cfg)))
     size = sum(p.numel() * 4 for p in m.parameters())
     largest = max(p.numel() * 4 for p in m.parameters())
     CK.save_model(m, tmp_path / "ckpt")
