@@ -28,12 +28,14 @@ def main(argv=None):
     ap.add_argument("--min-pixels", type=int, default=None, help="override the processor's min_pixels")
     ap.add_argument("--max-pixels", type=int, default=None, help="override the processor's max_pixels")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--quantize", choices=["int8"], default=None,
+                    help="int8 weights for CPU decoding (about 3x fewer bytes to stream per token than fp32)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     images = [load_image(p) for p in a.image]
     proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
-    model = CK.load(a.model, dtype=pick_dtype(a.dtype, a.device), device=a.device)
+    model = CK.load(a.model, dtype=pick_dtype(a.dtype, a.device), device=a.device, quantize=a.quantize)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": a.question}]
     text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                     system_prompt=a.system)

@@ -81,8 +81,10 @@ def child(a):
     torch.manual_seed(0)
     dtype, dev = M.DTYPES[a.dtype], a.device
     ids, mask, pv, thw = None, None, None, None
-    if a.impl == "ours":
-        m = CK.load(a.ckpt, dtype=dtype, device=dev)
+    if a.impl.startswith("ours"):  # ours, ours-int8 (CPU), ours-bfloat16 ...: one run can A/B them all
+        variant = a.impl.partition("-")[2]
+        m = CK.load(a.ckpt, dtype=M.DTYPES.get(variant, dtype), device=dev,
+                    quantize="int8" if variant == "int8" else None)
         if a.compile:  # what generate repeats; a CUDA graph on GPU
             m.compile_decode("reduce-overhead" if dev.startswith("cuda") else None)
 
@@ -217,7 +219,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode measurement")
     ap.add_argument("--reps", type=int, default=2, help="timed repetitions inside each trial (median)")
     ap.add_argument("--trials", type=int, default=2, help="fresh processes per implementation, run A B A B")
-    ap.add_argument("--impls", default="ours,transformers", help="which implementations to run")
+    ap.add_argument("--impls", default="ours,transformers", help="which implementations to run: ours, transformers, "
+                                                                  "ours-int8 (CPU), ours-bfloat16, ...")
     ap.add_argument("--compile", action="store_true", help="compile our decode step (a CUDA graph on GPU)")
     ap.add_argument("--ckpt", default=None, help="an existing checkpoint instead of random 2B-width weights")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -273,14 +276,14 @@ def main(argv=None):
         summary["roofline_tok_s"] = roof * a.batch
         print("decode vs the bandwidth roofline (" + f"{roof * a.batch:.0f} tok/s): " + ", ".join(
             f"{i} {summary[i]['decode_tok_s'] / (roof * a.batch):.0%}" for i in impls))
-    if "ours" in summary and "transformers" in summary:
-        o, t = summary["ours"], summary["transformers"]
-        summary["ratio"] = {"prefill_speedup": t["prefill_s"] / o["prefill_s"],
-                            "decode_speedup": o["decode_tok_s"] / t["decode_tok_s"],
-                            "peak_mem": o["peak_mem_gb"] / t["peak_mem_gb"]}
-        r = summary["ratio"]
-        print(f"| ours/transformers | {r['prefill_speedup']:.2f}x faster | {r['decode_speedup']:.2f}x | "
-              f"{r['peak_mem']:.2f}x |")
+    for x, y in [("ours", "transformers")] + [(i, "ours") for i in impls if i.startswith("ours-")]:
+        if x in summary and y in summary:  # each variant of ours against ours, ours against transformers
+            o, t = summary[x], summary[y]
+            r = summary.setdefault("ratio", {})[f"{x}/{y}"] = {
+                "prefill_speedup": t["prefill_s"] / o["prefill_s"], "decode_speedup": o["decode_tok_s"] / t[
+                    "decode_tok_s"], "peak_mem": o["peak_mem_gb"] / t["peak_mem_gb"]}
+            print(f"| {x}/{y} | {r['prefill_speedup']:.2f}x faster | {r['decode_speedup']:.2f}x | "
+                  f"{r['peak_mem']:.2f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -23,22 +23,31 @@ import tempfile
 
 import torch
 
-from model import Qwen2VL, Qwen2VLConfig, VisionConfig
+from torch import nn
+
+from model import Linear, Qwen2VL, Qwen2VLConfig, VisionConfig
 
 
-def load(path, dtype=torch.float32, device="cpu") -> Qwen2VL:
+def load(path, dtype=torch.float32, device="cpu", quantize: str | None = None) -> Qwen2VL:
     """The model in a checkpoint folder or hub id (downloaded only when `path` is not a folder). device="meta":
     structure, configuration and generation settings only, no weight read (ranks that receive their FSDP shards
-    from rank 0 start from it)."""
+    from rank 0 start from it). quantize="int8": for CPU inference, see load_int8."""
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     folder = resolve_checkpoint(path)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face checkpoint folder")
     with open(cfg_path) as f:
         config = config_from_json(json.load(f), cfg_path)
-    model = Qwen2VL.empty(config, dtype, device)
-    if torch.device(device).type != "meta":
-        load_weights(model, folder)
+    if quantize == "int8":
+        if torch.device(device).type != "cpu":
+            raise ValueError("int8 weights are for CPU decoding (x86 kernels); on a GPU load bfloat16")
+        model = load_int8(config, folder)
+    else:
+        model = Qwen2VL.empty(config, dtype, device)
+        if torch.device(device).type != "meta":
+            load_weights(model, folder)
     model.source_dir = folder
     gen_path = os.path.join(folder, "generation_config.json")
     if os.path.exists(gen_path):
@@ -111,6 +120,31 @@ def config_to_json(config: Qwen2VLConfig) -> dict:
                           "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
                           "in_chans": v.in_chans, "hidden_size": v.hidden_size},
     }
+
+
+def load_int8(config: Qwen2VLConfig, folder) -> Qwen2VL:
+    """The model for CPU inference with every linear layer in int8 (a scale per output channel; decoder, output
+    head and vision tower), quantized tensor by tensor as the file is read: the fp32 model never exists, so
+    memory peaks at the int8 model plus one tensor. The embedding is kept in bf16 (it is only looked up); norms,
+    biases and the patch embedding in fp32, the compute dtype. About 0.3x the fp32 model's bytes at 2B."""
+    model = Qwen2VL.empty(config, torch.float32, "meta")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    for name, mod in model.named_modules():  # storage for everything but the linear weights
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if not (name in linears and pname == "weight"):
+                dt = torch.bfloat16 if mod is model.model.embed_tokens else torch.float32
+                setattr(mod, pname, nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=False))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, t in read_weights(weight_plan(model, folder)):
+            owner, _, pname = name.rpartition(".")
+            if owner in linears and pname == "weight":
+                linears[owner].set_int8(t)
+            else:
+                params[name].copy_(t)
+            if config.tie_word_embeddings and name == "model.embed_tokens.weight":
+                linears["lm_head"].set_int8(t)  # the tied head: the same matrix, quantized for the product
+    return model
 
 
 def save_model(model: Qwen2VL, out_dir, state_dict=None, max_shard_bytes=5 * 1024 ** 3, extra_files=None):

@@ -116,9 +116,26 @@ def linear(x, weight, bias=None):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) whose forward goes through `linear`."""
+    """nn.Linear (same parameters and state-dict names) whose forward goes through `linear`; or, once
+    set_int8(weight) has run, int8 weights per output channel through torch's x86 dynamic quantized linear
+    (fbgemm: the activations are quantized on the fly, the product accumulates in int32)."""
+    packed = None  # the int8 weight, prepacked for the quantized kernel
+
+    def set_int8(self, weight: torch.Tensor):
+        """Replace the weight by its int8 form (scale per output channel: its largest magnitude / 127)."""
+        import warnings
+        w = weight.detach().float()
+        scales = (w.abs().amax(1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; its x86 int8 kernels remain
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.weight = None
 
     def forward(self, x):
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, False)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
 
@@ -490,7 +507,8 @@ class Qwen2VL(nn.Module):
 
     @property
     def dtype(self):
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype (the norms': an int8 model keeps them, and its embedding, in other dtypes)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self):
@@ -511,7 +529,7 @@ class Qwen2VL(nn.Module):
         features are added with weight 0. Under FSDP every rank must run (and back-propagate through) the same
         units: a text-only batch on one rank while another has images would otherwise stall the collectives."""
         c = self.config
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.dtype)
         is_img = input_ids == c.image_token_id
         n_tokens = int(is_img.sum())
         if pixel_values is None:
@@ -600,7 +618,7 @@ class Qwen2VL(nn.Module):
         """One new token per row ([rows]) at `positions` ([rows], equal on the three M-RoPE axes) against the
         cache, written at cache.pos; next-token logits [rows, V]. The step generate repeats: compile_decode
         compiles it whole."""
-        x = self.model.embed_tokens(tokens)[:, None]
+        x = self.model.embed_tokens(tokens)[:, None].to(self.dtype)
         cos, sin = mrope_cos_sin(positions.view(1, -1, 1).expand(3, -1, 1), self.config, x.dtype)
         x = self.run_decoder(x, cos, sin, None, cache, decode=True)
         return self.lm_head(self.model.norm(x[:, -1:]))[:, 0]

@@ -219,6 +219,24 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_ckpt):
     assert torch.equal(compiled, eager)
 
 
+def test_int8_weights_predict_like_fp32(tiny_ckpt):
+    """quantize="int8": every linear layer in int8 (a scale per output channel), the embedding in bf16, compute in
+    fp32; next-token logits within a few percent of fp32, the same top token almost everywhere."""
+    path, _ = tiny_ckpt
+    m32, m8 = CK.load(path), CK.load(path, quantize="int8")
+    linears = [m for m in m8.modules() if isinstance(m, M.Linear)]
+    assert linears and all(m.packed is not None and m.weight is None for m in linears)
+    assert m8.model.embed_tokens.weight.dtype == torch.bfloat16 and m8.dtype == torch.float32
+    ids, pv, thw = sample_inputs(m32.config)
+    with torch.no_grad():
+        a, b = m32(ids, None, pv, thw), m8(ids, None, pv, thw)
+    assert 1e-4 < rel_err(b, a) < 0.08  # int8 rounding through 2 layers and the vision tower: visible, small
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    assert m8.generate(ids, None, pv, thw, max_new_tokens=4).shape == (1, 4)
+    with pytest.raises(ValueError, match="CPU"):
+        CK.load(path, device="meta", quantize="int8")
+
+
 def test_num_samples_encode_once_and_match_teacher_forcing(pair):
     """G samples per prompt: the vision tower runs once for the batch, each prompt's samples come from its own
     generator, and the returned log-probs equal a teacher-forced forward pass over prompt + completion."""
