@@ -25,7 +25,7 @@ import torch
 
 from torch import nn
 
-from model import Linear, Qwen2VL, Qwen2VLConfig, VisionConfig
+from model import Int8Embedding, Linear, Qwen2VL, Qwen2VLConfig, VisionConfig
 
 
 def load(path, dtype=torch.float32, device="cpu", quantize: str | None = None) -> Qwen2VL:
@@ -125,25 +125,27 @@ def config_to_json(config: Qwen2VLConfig) -> dict:
 def load_int8(config: Qwen2VLConfig, folder) -> Qwen2VL:
     """The model for CPU inference with every linear layer in int8 (a scale per output channel; decoder, output
     head and vision tower), quantized tensor by tensor as the file is read: the fp32 model never exists, so
-    memory peaks at the int8 model plus one tensor. The embedding is kept in bf16 (it is only looked up); norms,
-    biases and the patch embedding in fp32, the compute dtype. About 0.3x the fp32 model's bytes at 2B."""
+    memory peaks at the int8 model plus one tensor. The embedding is int8 too, with a scale per row (it is only
+    looked up); norms, biases and the patch embedding stay fp32, the compute dtype. torch's packed int8 weights
+    keep their unpacked copy as well, so a linear layer costs ~2 bytes per weight: about 0.35x the fp32 model."""
     model = Qwen2VL.empty(config, torch.float32, "meta")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    for name, mod in model.named_modules():  # storage for everything but the linear weights
+    for name, mod in model.named_modules():  # storage for everything but the linear weights and the embedding
         for pname, p in list(mod.named_parameters(recurse=False)):
-            if not (name in linears and pname == "weight"):
-                dt = torch.bfloat16 if mod is model.model.embed_tokens else torch.float32
-                setattr(mod, pname, nn.Parameter(torch.empty(p.shape, dtype=dt), requires_grad=False))
+            if not (name in linears and pname == "weight") and mod is not model.model.embed_tokens:
+                setattr(mod, pname, nn.Parameter(torch.empty(p.shape), requires_grad=False))
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, t in read_weights(weight_plan(model, folder)):
             owner, _, pname = name.rpartition(".")
-            if owner in linears and pname == "weight":
+            if name == "model.embed_tokens.weight":
+                model.model.embed_tokens = Int8Embedding(t)  # rows looked up, so int8 with a scale per row
+                if config.tie_word_embeddings:
+                    linears["lm_head"].set_int8(t)  # the tied head: the same matrix, packed for the product
+            elif owner in linears and pname == "weight":
                 linears[owner].set_int8(t)
             else:
                 params[name].copy_(t)
-            if config.tie_word_embeddings and name == "model.embed_tokens.weight":
-                linears["lm_head"].set_int8(t)  # the tied head: the same matrix, quantized for the product
     return model
 
 

@@ -139,6 +139,20 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class Int8Embedding(nn.Module):
+    """An embedding table in int8 with a scale per row (an int8 model's: its rows are only looked up)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scales = (w.abs().amax(1) / 127.0).clamp(min=1e-12)
+        self.register_buffer("weight", torch.round(w / scales[:, None]).to(torch.int8))
+        self.register_buffer("scales", scales)
+
+    def forward(self, ids):
+        return self.weight[ids].float() * self.scales[ids, None]
+
+
 def rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)

@@ -220,13 +220,13 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_ckpt):
 
 
 def test_int8_weights_predict_like_fp32(tiny_ckpt):
-    """quantize="int8": every linear layer in int8 (a scale per output channel), the embedding in bf16, compute in
+    """quantize="int8": every linear layer in int8 (a scale per output channel), the embedding too, compute in
     fp32; next-token logits within a few percent of fp32, the same top token almost everywhere."""
     path, _ = tiny_ckpt
     m32, m8 = CK.load(path), CK.load(path, quantize="int8")
     linears = [m for m in m8.modules() if isinstance(m, M.Linear)]
     assert linears and all(m.packed is not None and m.weight is None for m in linears)
-    assert m8.model.embed_tokens.weight.dtype == torch.bfloat16 and m8.dtype == torch.float32
+    assert m8.model.embed_tokens.weight.dtype == torch.int8 and m8.dtype == torch.float32
     ids, pv, thw = sample_inputs(m32.config)
     with torch.no_grad():
         a, b = m32(ids, None, pv, thw), m8(ids, None, pv, thw)
