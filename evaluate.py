@@ -3,6 +3,8 @@ evaluation (TinyRS's fork of ScoreRS's rs_evaluation.py), with honest metrics be
 
     python evaluate.py --model CKPT --data-root DIR --tasks all --out runs/eval [--mode plain|think|qwen]
     torchrun --nproc_per_node=N evaluate.py ...             # records split over ranks; same results as one
+    python evaluate.py --endpoint http://127.0.0.1:8000/v1 --served-model NAME --data-root DIR --tasks all \
+        --out runs/eval_served [--concurrency 8]             # any OpenAI-compatible server instead of --model
     python evaluate.py score --task-type vqa preds.jsonl     # score any system's predictions, print JSON
     python evaluate.py compare runs/a runs/b                 # several runs side by side, like Table I
 
@@ -27,7 +29,18 @@ such records instead (one warning each; counted in the task's `n_skipped`).
 downscaled image, for the box of the region that answers the question; pass 2 asks the question on that
 region cut from the full-resolution image (with a margin, and at least the budget's side long so it is seen
 near native resolution). Boxes answered on a crop are mapped back to the full image before scoring.
---speed runs plain and think modes into OUT/plain and OUT/think and writes a Table-V-style OUT/speed.md.
+--speed runs plain and think modes into OUT/plain and OUT/think and writes a Table-V-style OUT/speed.md;
+--speed-weights float32,bfloat16,int8 does that once per weight format, each in a fresh process (so each peak
+memory is that format's own) into OUT/<format>/, and OUT/speed.md puts their rows side by side.
+--quantize int8 evaluates with int8 weights (CPU decoding; see checkpoint.load_int8).
+
+--endpoint asks a server (serve.py, vLLM, lmdeploy, a hosted model) instead: one greedy chat request per record
+(think mode's system prompt in a system message, then the image and the same user text), max_tokens as
+--max-new-tokens, --concurrency requests in flight, the key from $OPENAI_API_KEY (or --api-key-env). Each image
+goes whole, as a data URL of the file's own bytes, so a server with this repository's processor sees the pixels
+a local run sees. Output lines keep the request's "messages" (the image named by its path) instead of "prompt";
+"seconds" is a request's latency. Files resume as local runs do; their meta names the endpoint and served model.
+Zoom and --speed need a local model.
 """
 from __future__ import annotations
 
@@ -89,14 +102,27 @@ QWEN = {"cls": "{q}\nAnswer with the name of one scene class.",
 ZOOM_QUESTION = 'the part of the image needed to answer "{q}"'  # pass 1 asks for this region as a box
 
 
-def build_prompt(proc, question: str, task_type: str, mode: str, prompts: str = "public") -> str:
-    """The full chat text (image placeholder not yet expanded) for one question."""
+def user_text(question: str, task_type: str, mode: str, prompts: str = "public") -> str:
+    """The user turn's text, which follows the image."""
     if prompts not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {prompts!r}; expected one of {PROMPT_STYLES}")
     tpl = (QWEN if mode == "qwen" else PUBLIC if prompts == "public" else TASK_PROMPTS)[task_type]
-    content = [{"type": "image"}, {"type": "text", "text": tpl.replace("{q}", question)}]
+    return tpl.replace("{q}", question)
+
+
+def build_prompt(proc, question: str, task_type: str, mode: str, prompts: str = "public") -> str:
+    """The full chat text (image placeholder not yet expanded) for one question."""
+    content = [{"type": "image"}, {"type": "text", "text": user_text(question, task_type, mode, prompts)}]
     return proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                     system_prompt=REASONING_SYSTEM_PROMPT if mode == "think" else None)
+
+
+def chat_messages(question: str, task_type: str, mode: str, prompts: str, image_url: str) -> list[dict]:
+    """build_prompt's prompt as an OpenAI chat request: think mode's system prompt in a system message (without
+    one the server's chat template adds its default, as build_prompt does), then the image and the text."""
+    system = [{"role": "system", "content": REASONING_SYSTEM_PROMPT}] if mode == "think" else []
+    return system + [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}, {
+        "type": "text", "text": user_text(question, task_type, mode, prompts)}]}]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,10 +316,11 @@ def summarize(task_type: str, lines) -> dict:
                                 "acc_lenient": _mean(r["lenient"] for r in v)} for k, v in sorted(per.items())}
         m["score"], m["score_lenient"] = m["acc_strict"], m["acc_lenient"]
     timed = [r for r in rows if "seconds" in r]
-    if timed:
+    if timed:  # endpoint runs: seconds is each request's latency, and the server's memory is not known
         secs, toks = sum(r["seconds"] for r in timed), sum(r["new_tokens"] for r in timed)
+        mem = [r["peak_mem_gb"] for r in timed if r.get("peak_mem_gb") is not None]
         m.update({"sec_per_sample": secs / len(timed), "tokens_per_sec": toks / secs if secs > 0 else None,
-                  "new_tokens_mean": toks / len(timed), "peak_mem_gb": max(r["peak_mem_gb"] for r in timed)})
+                  "new_tokens_mean": toks / len(timed), "peak_mem_gb": max(mem) if mem else None})
     return m
 
 
@@ -331,6 +358,14 @@ class Run:
     rank: int = 0
     world: int = 1
     mem: PeakMemory | None = None
+    endpoint: Endpoint | None = None  # set: records go to an OpenAI-compatible server instead of `model`
+
+
+@dataclass
+class Endpoint:
+    client: object  # openai.OpenAI
+    model: str  # the served model's name
+    concurrency: int = 8
 
 
 def generate(run: Run, texts, images) -> tuple[list[str], list[int]]:
@@ -380,10 +415,7 @@ def run_batch(run: Run, task_type: str, recs: list[Record]) -> list[dict]:
     mem = run.mem.gb() if run.mem else 0.0
     lines = []
     for i, r in enumerate(recs):
-        line = {"index": r.index, "id": os.path.basename(r.image), "question": r.question, "answer": r.answer,
-                "size": sizes[i], "prompt": prompts[i], "pred": outs[i]}
-        if r.types:
-            line["type"] = r.types
+        line = record_line(r, sizes[i], prompt=prompts[i], pred=outs[i])
         if i in firsts:
             line["zoom_prompt"], line["zoom_pred"] = firsts[i]
             line["crop"] = crops[i]
@@ -393,10 +425,111 @@ def run_batch(run: Run, task_type: str, recs: list[Record]) -> list[dict]:
     return lines
 
 
+def record_line(r: Record, size, **fields) -> dict:
+    """The start of a record's output line; `fields`: what was sent and what came back."""
+    line = {"index": r.index, "id": os.path.basename(r.image), "question": r.question, "answer": r.answer,
+            "size": size, **fields}
+    if r.types:
+        line["type"] = r.types
+    return line
+
+
 def prompt_length(run: Run, rec: Record, task_type: str) -> int:
     w, h = image_size(rec)  # header only: the size, not the pixels
     text = build_prompt(run.proc, rec.question, task_type, run.mode, run.prompts)
     return len(run.proc.encode(text)) + run.proc.image_processor.num_image_tokens(h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Asking an OpenAI-compatible server (--endpoint)
+SERVER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what OpenAI-compatible servers take as data URLs
+
+
+def image_data_url(rec: Record) -> tuple[str, list[int]]:
+    """(data URL, [w, h]) of a record's image at full resolution: the file's own bytes when servers take its
+    format, else its decoded pixels as a lossless PNG. Either way the server decodes exactly the pixels a local
+    run sees and its processor sizes them as a local run does; a bounded (re-encoded, downscaled) copy would
+    change the pixels, and the scores with them."""
+    import base64
+    import io
+    img = read_image(rec)  # decoded whole, so a truncated file fails here as it does in a local run
+    try:
+        with open(rec.image, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise image_error(rec, e) from e
+    from PIL import Image
+    fmt = Image.open(io.BytesIO(raw)).format
+    if fmt not in SERVER_FORMATS:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        raw, fmt = buf.getvalue(), "PNG"
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(raw).decode(), list(img.size)
+
+
+def ask_endpoint(run: Run, task_type: str, rec: Record) -> dict:
+    """One record as one greedy chat request; its output line (the image named by its path, not inlined)."""
+    url, size = image_data_url(rec)
+    messages = chat_messages(rec.question, task_type, run.mode, run.prompts, url)
+    t0 = time.perf_counter()
+    r = run.endpoint.client.chat.completions.create(model=run.endpoint.model, messages=messages, temperature=0,
+                                                    max_tokens=run.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    pred = (r.choices[0].message.content or "") if r.choices else ""
+    messages[-1]["content"][0]["image_url"]["url"] = rec.image
+    line = record_line(rec, size, messages=messages, pred=pred)
+    line.update(score_record(task_type, pred, rec.answer, rec.question, size))
+    line.update(seconds=seconds, new_tokens=r.usage.completion_tokens if r.usage else 0)
+    return line
+
+
+def run_endpoint(run: Run, name: str, task_type: str, todo: list[Record], sink: Path):
+    """`todo` with up to --concurrency requests in flight; lines written as answers come (resumable)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    import openai
+    pool = ThreadPoolExecutor(max(1, run.endpoint.concurrency))
+    bar = tqdm(total=len(todo), desc=name, dynamic_ncols=True)
+    try:
+        futures = {pool.submit(ask_endpoint, run, task_type, r): r for r in todo}
+        with open(sink, "a", encoding="utf-8") as f:
+            for fut in as_completed(futures):
+                r = futures[fut]
+                try:
+                    f.write(json.dumps(fut.result()) + "\n")
+                    f.flush()
+                except BadImage as e:
+                    skip_or_stop(run.skip_bad, e)
+                except openai.APIError as e:  # answers so far are kept: a rerun resumes after them
+                    raise SystemExit(f"{r.source}, record {r.index}: the endpoint failed: {e}") from e
+                bar.update(1)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+def endpoint_run(a) -> tuple[Run, dict]:
+    """A Run that asks the server at --endpoint, and the run settings it adds to each task's meta."""
+    if a.zoom or a.speed:
+        raise SystemExit(f"{'--zoom' if a.zoom else '--speed'} needs a local model (--model): zoom crops and "
+                         "re-asks per record, speed measures local latency and memory")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("--endpoint runs in one process; use --concurrency for parallel requests, not torchrun")
+    import openai  # only this path needs it
+    from urllib.parse import urlsplit
+    url = a.endpoint.rstrip("/")
+    url += "/v1" if not urlsplit(url).path else ""  # http://host:8000 means its /v1
+    client = openai.OpenAI(base_url=url, api_key=os.environ.get(a.api_key_env) or "EMPTY")
+    name = a.served_model
+    if not name:  # the server's only model, if it has exactly one
+        try:
+            names = [m.id for m in client.models.list().data]
+        except openai.APIError as e:
+            raise SystemExit(f"cannot list the models of {url}: {e}; give --served-model") from e
+        if len(names) != 1:
+            raise SystemExit(f"{url} serves {names}: choose one with --served-model")
+        name = names[0]
+    run = Run(None, None, prompts=a.prompts, skip_bad=a.skip_bad, endpoint=Endpoint(client, name, a.concurrency))
+    return run, {"endpoint": url, "served_model": name}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,6 +591,31 @@ def _sync(run: Run, obj=None):
     return box[0]
 
 
+def run_local(run: Run, name: str, task_type: str, todo: list[Record], sink: Path):
+    """This rank's share of `todo`, in batches through the local model; lines written as batches finish."""
+    lengths = {}
+    for r in todo:
+        try:
+            lengths[r.index] = prompt_length(run, r, task_type)
+        except BadImage as e:  # every rank reads every header: rank 0 alone warns
+            skip_or_stop(run.skip_bad, e, say=run.rank == 0)
+    todo = [r for r in todo if r.index in lengths]
+    # Longest prompts first, so a batch pads little; batches dealt out whole, round robin, so every batch
+    # (and hence every output) is the same for any number of ranks, including more ranks than batches.
+    todo.sort(key=lambda r: -lengths[r.index])
+    batches = [todo[i:i + run.batch_size] for i in range(0, len(todo), run.batch_size)][run.rank::run.world]
+    if run.mem:
+        run.mem.reset()
+    bar = tqdm(total=sum(map(len, batches)), desc=name, disable=run.rank != 0, dynamic_ncols=True)
+    with open(sink, "a", encoding="utf-8") as f:
+        for batch in batches:
+            for line in run_batch(run, task_type, batch):
+                f.write(json.dumps(line) + "\n")
+            f.flush()  # written as it goes: an interrupted run resumes from here
+            bar.update(len(batch))
+    bar.close()
+
+
 def evaluate_task(run: Run, name: str, path: Path, task_type: str, out_dir: Path, meta: dict,
                   limit: int | None = None, overwrite: bool = False) -> dict | None:
     """Run (or resume) one task; rank 0 returns its metrics, other ranks None."""
@@ -469,29 +627,9 @@ def evaluate_task(run: Run, name: str, path: Path, task_type: str, out_dir: Path
     if err:
         raise SystemExit(err)
     done = {ln["index"] for ln in read_jsonl(out)[1]}
-    lengths = {}
-    for r in records:
-        if r.index not in done:
-            try:
-                lengths[r.index] = prompt_length(run, r, task_type)
-            except BadImage as e:  # every rank reads every header: rank 0 alone warns
-                skip_or_stop(run.skip_bad, e, say=run.rank == 0)
-    todo = [r for r in records if r.index in lengths]
-    # Longest prompts first, so a batch pads little; batches dealt out whole, round robin, so every batch
-    # (and hence every output) is the same for any number of ranks, including more ranks than batches.
-    todo.sort(key=lambda r: -lengths[r.index])
-    batches = [todo[i:i + run.batch_size] for i in range(0, len(todo), run.batch_size)][run.rank::run.world]
+    todo = [r for r in records if r.index not in done]
     sink = out if run.world == 1 else out_dir / f"{name}.part{run.rank}.jsonl"
-    if run.mem:
-        run.mem.reset()
-    bar = tqdm(total=sum(map(len, batches)), desc=name, disable=run.rank != 0, dynamic_ncols=True)
-    with open(sink, "a", encoding="utf-8") as f:
-        for batch in batches:
-            for line in run_batch(run, task_type, batch):
-                f.write(json.dumps(line) + "\n")
-            f.flush()  # written as it goes: an interrupted run resumes from here
-            bar.update(len(batch))
-    bar.close()
+    (run_endpoint if run.endpoint else run_local)(run, name, task_type, todo, sink)
     _sync(run)
     if run.rank != 0:
         return None
@@ -567,7 +705,8 @@ def write_reports(out_dir: Path, meta: dict, tasks: dict) -> dict:
     m = {"meta": meta, "tasks": {**keep, **tasks}}
     m["groups"] = group_averages(m["tasks"])
     path.write_text(json.dumps(m, indent=2))
-    (out_dir / "results.md").write_text(table({f"{Path(meta['model']).name} ({meta['mode']})": m}))
+    label = Path(meta["model"]).name if "model" in meta else meta["served_model"]
+    (out_dir / "results.md").write_text(table({f"{label} ({meta['mode']})": m}))
     return m
 
 
@@ -621,7 +760,14 @@ def cmd_compare(argv) -> int:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    ap.add_argument("--model", help="checkpoint folder or hub id (or --endpoint)")
+    ap.add_argument("--endpoint", help="instead of --model: an OpenAI-compatible server's URL (serve.py, vLLM,\n"
+                                       "lmdeploy, a hosted API), e.g. http://127.0.0.1:8000/v1; the same prompts\n"
+                                       "as chat requests, greedy, each image sent whole as a data URL")
+    ap.add_argument("--served-model", help="the model name the endpoint serves (default: its only one)")
+    ap.add_argument("--concurrency", type=int, default=8, help="--endpoint: requests in flight")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="--endpoint: the environment variable that holds its API key")
     ap.add_argument("--data-root", help="folder holding the benchmark JSON files and image folders")
     ap.add_argument("--tasks", help=f"all, or comma-separated names among: {', '.join(TASKS)}")
     ap.add_argument("--task-file", action="append", default=[],
@@ -645,9 +791,24 @@ def parse_args(argv):
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip records whose image is missing or unreadable (a warning each; counted in\n"
                          "n_skipped) instead of stopping")
+    ap.add_argument("--speed-weights", default=None, metavar="LIST",
+                    help=f"with --speed: comma-separated weight formats among {', '.join(WEIGHTS)},\n"
+                         "each run in its own process (e.g. float32,bfloat16,int8 on CPU)")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    ap.add_argument("--quantize", choices=["int8"], default=None, help="int8 weights per output channel (CPU)")
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
+    if a.speed_weights is not None:
+        a.speed_weights = [w.strip() for w in a.speed_weights.split(",") if w.strip()]
+        bad = [w for w in a.speed_weights if w not in WEIGHTS]
+        if bad or not a.speed_weights or not a.speed or a.quantize:
+            ap.error(f"--speed-weights goes with --speed (not --quantize) and lists formats among {', '.join(WEIGHTS)}"
+                     + (f"; unknown: {bad}" if bad else ""))
+        if len(a.speed_weights) == 1:  # one format: this process runs it
+            w = a.speed_weights[0]
+            a.dtype, a.quantize = ("float32", "int8") if w == "int8" else (w, None)
+    if bool(a.model) == bool(a.endpoint):
+        ap.error("give either --model (a local checkpoint) or --endpoint (a server), not both")
     if a.task_file and len(a.task_type) not in (1, len(a.task_file)):
         ap.error("give one --task-type for all --task-file, or one per --task-file")
     return a
@@ -672,6 +833,51 @@ def task_list(a) -> list[tuple]:
     return jobs
 
 
+def local_run(a, world: int, rank: int) -> tuple[Run, dict]:
+    """A Run on the local --model (process group joined under torchrun, model warmed up), and the run settings
+    it adds to each task's meta."""
+    device = a.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dtype = pick_dtype(a.dtype, device)
+    proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    model = CK.load(a.model, dtype=dtype, device=device, quantize=a.quantize)
+    run = Run(model, proc, prompts=a.prompts, skip_bad=a.skip_bad, batch_size=a.batch_size, zoom=a.zoom,
+              rank=rank, world=world, mem=PeakMemory(device))
+    from PIL import Image
+    b = proc(text=[build_prompt(proc, "warm-up", "vqa", "plain", a.prompts)], images=[Image.new("RGB", (56, 56))])
+    model.generate(**b, max_new_tokens=2)  # warm-up: one-time setup is not the first task's latency
+    model_id = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
+    return run, {"model": model_id, "min_pixels": proc.image_processor.min_pixels,
+                 "max_pixels": proc.image_processor.max_pixels, "dtype": str(dtype).removeprefix("torch."),
+                 "device": device.split(":")[0], **({"quantize": a.quantize} if a.quantize else {})}
+
+
+WEIGHTS = (*DTYPES, "int8")  # --speed-weights: a dtype, or int8 (quantized weights, fp32 compute)
+
+
+def speed_formats(a, argv: list[str]) -> int:
+    """--speed once per --speed-weights format, each a fresh `evaluate.py` process writing OUT/<format>/, then
+    OUT/speed.md with every format's plain and think rows."""
+    import subprocess
+    runs = {}
+    for w in a.speed_weights:
+        out = Path(a.out) / w
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--speed-weights", w, "--out", str(out)]
+        print(f"--- {w}: {' '.join(cmd[2:])}", flush=True)
+        if subprocess.run(cmd).returncode:
+            raise SystemExit(f"the {w} run failed (its output above); rerun resumes from {out}")
+        for mode in ("plain", "think"):
+            runs[f"{w} {mode}"] = json.loads((out / mode / "metrics.json").read_text())
+    text = f"{a.model} ({', '.join(a.speed_weights)}, batch {a.batch_size})\n\n" + speed_table(runs)
+    (Path(a.out) / "speed.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
@@ -683,20 +889,11 @@ def main(argv=None) -> int:
     from PIL import Image
     Image.MAX_IMAGE_PIXELS = None  # benchmark files are trusted, and ultra-high-resolution scenes are the point
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = a.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    dtype = pick_dtype(a.dtype, device)
-    proc = Processor.from_pretrained(a.model, min_pixels=a.min_pixels, max_pixels=a.max_pixels)
-    model = CK.load(a.model, dtype=dtype, device=device)
-    model_id = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
-    run = Run(model, proc, prompts=a.prompts, skip_bad=a.skip_bad, batch_size=a.batch_size, zoom=a.zoom,
-              rank=rank, world=world, mem=PeakMemory(device))
-    b = proc(text=[build_prompt(proc, "warm-up", "vqa", "plain", a.prompts)], images=[Image.new("RGB", (56, 56))])
-    model.generate(**b, max_new_tokens=2)  # warm-up: one-time setup is not the first task's latency
+    if a.speed and a.speed_weights and len(a.speed_weights) > 1:
+        if world > 1:
+            raise SystemExit("--speed-weights with several formats runs them one after another: not under torchrun")
+        return speed_formats(a, argv)
+    run, base = endpoint_run(a) if a.endpoint else local_run(a, world, rank)
     results = {}
     for mode in (("plain", "think") if a.speed else (a.mode,)):
         out_dir = Path(a.out) / mode if a.speed else Path(a.out)
@@ -706,10 +903,8 @@ def main(argv=None) -> int:
         run.mode = mode
         run.max_new_tokens = a.max_new_tokens or (1024 if mode == "think" else 64)
         # Everything the outputs depend on; a file written under other settings is not resumed.
-        meta = {"model": model_id, "mode": mode, "prompts": "qwen" if mode == "qwen" else a.prompts,
-                "max_new_tokens": run.max_new_tokens, "zoom": a.zoom,
-                "min_pixels": proc.image_processor.min_pixels, "max_pixels": proc.image_processor.max_pixels,
-                "dtype": str(dtype).removeprefix("torch."), "device": device.split(":")[0]}
+        meta = {**base, "mode": mode, "prompts": "qwen" if mode == "qwen" else a.prompts,
+                "max_new_tokens": run.max_new_tokens, **({} if a.endpoint else {"zoom": a.zoom})}
         tasks = {}
         for name, path, task_type, group in jobs:
             m = evaluate_task(run, name, path, task_type, out_dir, meta, a.limit, a.overwrite)
@@ -719,10 +914,12 @@ def main(argv=None) -> int:
             results[mode] = write_reports(out_dir, meta, tasks)
             print(f"\n{mode} mode, {out_dir}:\n" + table({mode: results[mode]}))
     if rank == 0 and a.speed:
-        text = f"{model_id} ({meta['dtype']}, {device}, batch {a.batch_size})\n\n" + speed_table(results)
+        weights = base.get("quantize") or base["dtype"]
+        text = f"{base['model']} ({weights}, {base['device']}, batch {a.batch_size})\n\n" + speed_table(results)
         (Path(a.out) / "speed.md").write_text(text)
         print(text)
-    run.mem.stop()
+    if run.mem:
+        run.mem.stop()
     if world > 1:
         teardown_distributed()  # a barrier first: rank 0 may still be writing reports
     return 0

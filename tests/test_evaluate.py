@@ -540,3 +540,22 @@ def test_speed_compares_plain_and_think(tiny_ckpt, bench, tmp_path, capsys):
     assert TASK_PROMPTS["vqa"].replace("{q}", "Is there a road?") + "<|im_end|>" in recs[0]["prompt"]
     assert "<|im_start|>system\nA conversation between User and Assistant." in recs[0]["prompt"]
     assert "Latency think" in capsys.readouterr().out
+
+
+def test_speed_weights_run_each_format_in_its_own_process(tiny_ckpt, bench, tmp_path, capsys):
+    out = tmp_path / "formats"
+    common = ["--model", tiny_ckpt[0], "--data-root", str(bench), "--tasks", "LR-presence", "--limit", "2",
+              "--max-new-tokens", "4", "--speed", "--prompts", "ours"]
+    assert E.main(common + ["--out", str(out), "--speed-weights", "float32,int8"]) == 0
+    text = (out / "speed.md").read_text()
+    assert all(f"| {w} {m} |" in text for w in ("float32", "int8") for m in ("plain", "think")), text
+    for w in ("float32", "int8"):
+        meta, recs = _records(out / w / "plain", "LR-presence")
+        assert meta["meta"]["dtype"] == "float32" and meta["meta"].get("quantize") == ("int8" if w == "int8" else None)
+        assert len(recs) == 2 and all(r["peak_mem_gb"] > 0 for r in recs)
+    # the float32 child is the plain single-format run: the same answers as one run in this process
+    assert E.main(common + ["--out", str(tmp_path / "one")]) == 0
+    assert [r["pred"] for r in _records(out / "float32" / "think", "LR-presence")[1]] == \
+        [r["pred"] for r in _records(tmp_path / "one" / "think", "LR-presence")[1]]
+    with pytest.raises(SystemExit):
+        E.main(common + ["--out", str(out), "--speed-weights", "float32,int4"])
