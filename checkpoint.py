@@ -126,8 +126,8 @@ def load_int8(config: Qwen2VLConfig, folder) -> Qwen2VL:
     """The model for CPU inference with every linear layer in int8 (a scale per output channel; decoder, output
     head and vision tower), quantized tensor by tensor as the file is read: the fp32 model never exists, so
     memory peaks at the int8 model plus one tensor. The embedding is int8 too, with a scale per row (it is only
-    looked up); norms, biases and the patch embedding stay fp32, the compute dtype. torch's packed int8 weights
-    keep their unpacked copy as well, so a linear layer costs ~2 bytes per weight: about 0.35x the fp32 model."""
+    looked up); norms, biases and the patch embedding stay fp32, the compute dtype. A packed int8 weight costs
+    ~1.04 bytes per weight, once the heap the fp32 reads passed through is given back (release_heap)."""
     model = Qwen2VL.empty(config, torch.float32, "meta")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     for name, mod in model.named_modules():  # storage for everything but the linear weights and the embedding
@@ -146,7 +146,20 @@ def load_int8(config: Qwen2VLConfig, folder) -> Qwen2VL:
                 linears[owner].set_int8(t)
             else:
                 params[name].copy_(t)
+    release_heap()
     return model
+
+
+def release_heap():
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing). Reading a model
+    tensor by tensor and packing each into a smaller one leaves the freed fp32 reads as holes in the heap, which
+    glibc keeps: measured, 1.6-1.9 resident bytes per int8 weight before, 1.04 after."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator does its own thing
+        pass
 
 
 def save_model(model: Qwen2VL, out_dir, state_dict=None, max_shard_bytes=5 * 1024 ** 3, extra_files=None):
