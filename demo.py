@@ -1,16 +1,17 @@
-"""The embedded default pipeline: the whole TinyRS recipe, end to end, on one CPU machine in minutes.
+"""The embedded default pipeline: the whole TinyRS recipe and its ablation, end to end, on one CPU machine.
 
     python demo.py --out runs/demo [--seed 0] [--quick] [--nproc 2]      (`make demo` runs this)
 
 Why a separate file: synth.py, train_sft.py, train_grpo.py and evaluate.py are each one tool with its own
 flags; the recipe is the order they run in and the settings that make a tiny model learn on synthetic data
-in minutes. This is the one place that holds both: synth -> tiny model -> P (pre-training) -> S (SFT) ->
-C (CoT SFT) -> R (GRPO) -> evaluation of every stage -> OUT/results.md, OUT/results.json, OUT/loss.png and
-OUT/reward.png. It only calls the tools' command lines, training and evaluation under torchrun with --nproc
+in minutes. This is the one place that holds both: synth -> tiny model -> the paper's ablation rows (S alone,
+P+S, P+S+C, P+S+R, P+S+C+R: P pre-training, S instruction SFT, C CoT SFT, R GRPO) -> evaluation of every row,
+each stage's effect with a paired-bootstrap 95% interval, and the final model again with int8 weights ->
+OUT/results.md, OUT/results.json, OUT/loss.png and OUT/reward.png. It only calls the tools' command lines, training and evaluation under torchrun with --nproc
 ranks (FSDP2 needs one process per rank), so what it shows holds for anyone who runs them by hand.
 
-Resumable: a step whose output exists (OUT/<stage>/final, OUT/eval/<run>/metrics.json) is skipped unless a
-step before it ran again; OUT/config.json refuses an OUT made with other settings. Each tool's output goes to
+Resumable: a step whose output exists (OUT/<run>/final, OUT/eval/<run>-<mode>/metrics.json) is skipped unless
+a step it starts from ran again; OUT/config.json refuses an OUT made with other settings. Each tool's output goes to
 OUT/logs/<step>.log. Same seed, same settings: the same checkpoints, byte for byte, and the same table.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 EVAL_FILES = {"cls_synth": "cls", "vqa_synth": "vqa", "vg_synth": "bbox", "mcq_synth": "mcq"}
-# The synthetic images (168-224 px) seen unresized, as the tiny model's processor sees them in evaluation; the
+# The synthetic images (224 px) seen unresized, as the tiny model's processor sees them in evaluation; the
 # training tools' defaults (the paper's 512..1280 * 28 * 28) would upscale them to ~8x the image tokens.
 PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 # One micro-batch per rank and step; one loader worker per rank (2 ranks on 2 cores). No weight decay: a few
@@ -34,18 +35,18 @@ PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "workers": 1,
               "warmup_ratio": 0.05, "weight_decay": 0.0}
 
-# Flags of each tool, by step (snake_case -> --kebab-case; True -> a bare flag), tuned so that on 2 CPU cores
-# the whole demo takes 10-16 minutes (by the load) and every stage shows its effect (seed 0: S lifts classification
-# from 0 to 53%, C brings the think format to 99%, R raises GRPO's mean reward from 0.77 to 0.89). The
+# Flags of each tool, by stage (snake_case -> --kebab-case; True -> a bare flag); both runs of a stage (S alone and
+# after P; R after P+S and after P+S+C) share them. On 2 CPU cores the six runs and six evaluations take ~13 min
+# (seed 0: P+S classifies 81% where S alone reaches 19.5%, C brings the think format to 95%). The
 # vision tower starts from random weights, so it trains at the LLM's lr (the paper's 2e-6 is for a trained one);
 # a tiny model wants a far higher lr than the paper's 1e-5 for P, S and C.
 FULL = {
-    "synth": {"n_pretrain": 1000, "n_sft": 1000, "questions_per_image": 2, "n_grpo": 300, "n_eval": 100},
+    "synth": {"n_pretrain": 1000, "n_sft": 1000, "questions_per_image": 2, "n_grpo": 300, "n_eval": 200},
     "tiny": {},
     "pretrain": {**SFT_COMMON, "max_steps": 60, "lr": 2e-3, "vision_lr": 2e-3},
     # No task balancing: balancing doubles grounding's share, and its ~20 digit tokens per answer then drown the
     # 1-token classification answers in the token-mean loss (classification stays near chance in this budget).
-    "sft": {**SFT_COMMON, "max_steps": 120, "lr": 2e-3, "vision_lr": 2e-3, "warmup_ratio": 0.1, "no_balance": True},
+    "sft": {**SFT_COMMON, "max_steps": 200, "lr": 2e-3, "vision_lr": 2e-3, "warmup_ratio": 0.1, "no_balance": True},
     # 100 steps leave the format unlearned (answers cut after <answer>); 200 reach 95-99% format.
     "cot": {**SFT_COMMON, "max_steps": 200, "lr": 2e-3, "vision_lr": 2e-3},
     # positional: a box far from the target still earns reward by its distance (IoU alone is 0 almost always
@@ -66,13 +67,29 @@ QUICK = {
     "grpo": {**FULL["grpo"], "max_steps": 2, "prompts_per_step": 2, "num_generations": 2, "max_completion_len": 8},
     "eval": {"batch_size": 8, "plain_tokens": 8, "think_tokens": 8},
 }
-# (step, script, data file, starts from); then the table's rows: (row, checkpoint's stage, evaluation mode)
-STAGES = [("pretrain", "train_sft.py", "pretrain.json", "tiny"), ("sft", "train_sft.py", "sft.json", "pretrain"),
-          ("cot", "train_sft.py", "cot.json", "sft"), ("grpo", "train_grpo.py", "grpo.jsonl", "cot")]
-ROWS = [("P", "pretrain", "plain"), ("P+S", "sft", "plain"), ("P+S+C", "cot", "think"),
-        ("P+S+C+R", "grpo", "think")]
+# Training runs, in order: (run, stage, starts from). The stage picks the tool, its data file and its settings.
+STAGES = [("P", "pretrain", "tiny"), ("S", "sft", "tiny"), ("PS", "sft", "P"), ("PSC", "cot", "PS"),
+          ("PSR", "grpo", "PS"), ("PSCR", "grpo", "PSC")]
+TOOLS = {"pretrain": ("train_sft.py", "pretrain.json"), "sft": ("train_sft.py", "sft.json"),
+         "cot": ("train_sft.py", "cot.json"), "grpo": ("train_grpo.py", "grpo.jsonl")}
+# The table's rows, the paper's ablation (Table II): (row, run, evaluation mode). Rows after GRPO answer in the
+# reasoning format GRPO trained (its system prompt); S and P+S answer plainly, as they were trained.
+ROWS = [("S", "S", "plain"), ("P+S", "PS", "plain"), ("P+S+C", "PSC", "think"), ("P+S+R", "PSR", "think"),
+        ("P+S+C+R", "PSCR", "think")]
 COLUMNS = [("classification", "Classification"), ("vqa", "VQA"), ("grounding_pr50", "Grounding Pr@0.5"),
            ("grounding_miou", "Grounding mIoU"), ("mcq", "Multiple choice"), ("format_rate", "Format (think)")]
+# Each stage's effect: (stage, row, the row without it, the paper's difference in points where Table II gives one)
+EFFECTS = [("P", "P+S", "S", {"classification": 1.0, "grounding_pr50": 1.7}),
+           ("C", "P+S+C", "P+S", {"classification": 3.7, "vqa": -5.2}),
+           ("C, both with R", "P+S+C+R", "P+S+R", {"classification": 3.5, "vqa": -2.4, "grounding_pr50": 5.4}),
+           ("R", "P+S+C+R", "P+S+C", {"classification": 0.9, "grounding_pr50": 4.9}),
+           ("R without C", "P+S+R", "P+S", {})]
+# Per-record scores behind each column compared (file, score of one output line)
+RECORD_SCORES = {"classification": ("cls_synth", lambda r: float(r["strict"])),
+                 "vqa": ("vqa_synth", lambda r: float(r["strict"])),
+                 "grounding_pr50": ("vg_synth", lambda r: sum(v >= 0.5 for v in r["iou"]) / len(r["iou"])),
+                 "mcq": ("mcq_synth", lambda r: float(r["strict"]))}
+INT8_ROW = "P+S+C+R"  # evaluated again with int8 weights (evaluate.py --quantize int8)
 
 
 def log(msg: str):
@@ -111,8 +128,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def train_stages(out: Path, cfg: dict, seed: int, nproc: int, times: dict) -> set:
-    """synth, tiny model, then P, S, C, R. A step is skipped when its output exists, unless a step before it ran
-    now (its input changed); returns the steps run now."""
+    """synth, tiny model, then every training run of STAGES. A step is skipped when its output exists, unless
+    the step it starts from ran now (its input changed); returns the steps run now."""
     ran = set()
     synth, tiny = out / "synth", out / "tiny"
     if not (synth / "meta.json").exists():  # written last
@@ -123,19 +140,20 @@ def train_stages(out: Path, cfg: dict, seed: int, nproc: int, times: dict) -> se
         log("tiny: building the tiny Qwen2-VL and its tokenizer")
         times["tiny"] = run("tiny", ["synth.py", "tiny", "--out", tiny, "--seed", seed, *flags(cfg["tiny"])], out)
         ran.add("tiny")
-    for stage, script, data, start in STAGES:
-        final = out / stage / "final"  # saved atomically: there means complete
-        if final.exists() and not ran:
-            log(f"{stage}: {final} exists, skipped")
+    for name, stage, start in STAGES:
+        final = out / name / "final"  # saved atomically: there means complete
+        if final.exists() and start not in ran:
+            log(f"{name}: {final} exists, skipped")
             continue
-        shutil.rmtree(out / stage, ignore_errors=True)  # an interrupted or outdated run's leftovers
+        shutil.rmtree(out / name, ignore_errors=True)  # an interrupted or outdated run's leftovers
         src = tiny if start == "tiny" else out / start / "final"
+        script, data = TOOLS[stage]
         extra = ["--stage", stage] if script == "train_sft.py" else []
-        log(f"{stage}: {script} from {src.name if start == 'tiny' else start}, {cfg[stage]['max_steps']} steps")
-        times[stage] = run(stage, [script, "--model", src, "--data", synth / data, "--out", out / stage,
-                                   "--seed", seed, *extra, *flags(cfg[stage])], out, nproc)
-        ran.add(stage)
-        log(f"{stage}: done in {times[stage]:.0f} s ({stage_summary(out / stage)})")
+        log(f"{name}: {script} ({stage}) from {start}, {cfg[stage]['max_steps']} steps")
+        times[name] = run(name, [script, "--model", src, "--data", synth / data, "--out", out / name, "--seed", seed,
+                                 *extra, *flags(cfg[stage])], out, nproc)
+        ran.add(name)
+        log(f"{name}: done in {times[name]:.0f} s ({stage_summary(out / name)})")
     return ran
 
 
@@ -155,29 +173,35 @@ def stage_summary(folder: Path) -> str:
 
 
 def evaluate_rows(out: Path, cfg: dict, nproc: int, times: dict, retrained: set) -> dict:
-    """Evaluate each row's checkpoint on the synthetic eval split; {row: OUT/eval/<name>/metrics.json content}."""
+    """Evaluate each row's checkpoint on the synthetic eval split, and INT8_ROW's again with int8 weights;
+    {label: OUT/eval/<run>-<mode>[-int8]/metrics.json content}."""
     ev = out / "synth" / "eval"
     files = [a for name, kind in EVAL_FILES.items() for a in ("--task-file", ev / f"{name}.json", "--task-type", kind)]
     results = {}
-    for row, stage, mode in ROWS:
-        folder = out / "eval" / f"{stage}-{mode}"
-        if stage in retrained:  # predictions of an earlier checkpoint of the same path must not be resumed
+    for label, name, mode, int8 in [(r, n, m, False) for r, n, m in ROWS] + [
+            (f"{INT8_ROW} int8", dict((r, n) for r, n, _ in ROWS)[INT8_ROW], "think", True)]:
+        folder = out / eval_dir(name, mode, int8)
+        if name in retrained:  # predictions of an earlier checkpoint of the same run must not be resumed
             shutil.rmtree(folder, ignore_errors=True)
         metrics = folder / "metrics.json"
         if not (metrics.exists() and set(json.loads(metrics.read_text())["tasks"]) == set(EVAL_FILES)):
-            log(f"eval {row}: {stage}/final in {mode} mode")
+            log(f"eval {label}: {name}/final in {mode} mode")
             tokens = cfg["eval"]["think_tokens" if mode == "think" else "plain_tokens"]
             # --prompts ours: the synthetic questions were trained in data.TASK_PROMPTS wording, not the public one
-            times[f"eval {row}"] = run(f"eval-{stage}-{mode}", [
-                "evaluate.py", "--model", out / stage / "final", *files, "--out", folder, "--mode", mode,
+            times[f"eval {label}"] = run(f"eval-{folder.name}", [
+                "evaluate.py", "--model", out / name / "final", *files, "--out", folder, "--mode", mode,
                 "--prompts", "ours", "--batch-size", cfg["eval"]["batch_size"], "--max-new-tokens", tokens,
-                "--overwrite"], out, nproc)
+                "--overwrite", *(["--quantize", "int8"] if int8 else [])], out, nproc)
             t = json.loads(metrics.read_text())["tasks"]
-            log(f"eval {row}: done in {times[f'eval {row}']:.0f} s (accuracy % " + ", ".join(
-                f"{name} {100 * t[name]['score']:.1f}" for name in EVAL_FILES if name != "vg_synth")
-                + f"; grounding mIoU % {100 * t['vg_synth']['mean_iou']:.1f})")
-        results[row] = json.loads(metrics.read_text())
+            log(f"eval {label}: done in {times[f'eval {label}']:.0f} s (accuracy % " + ", ".join(
+                f"{n} {100 * t[n]['score']:.1f}" for n in EVAL_FILES if n != "vg_synth")
+                + f"; grounding Pr@0.5 % {100 * t['vg_synth']['pr@0.5']:.1f})")
+        results[label] = json.loads(metrics.read_text())
     return results
+
+
+def eval_dir(name: str, mode: str, int8: bool = False) -> str:
+    return f"eval/{name}-{mode}" + ("-int8" if int8 else "")
 
 
 def format_rate(folder: Path) -> float:
@@ -187,34 +211,86 @@ def format_rate(folder: Path) -> float:
     return sum(format_reward(p) for p in preds) / len(preds)
 
 
-def table_rows(out: Path, evals: dict) -> list[dict]:
-    rows = []
-    for row, stage, mode in ROWS:
-        t = evals[row]["tasks"]
-        rows.append({"row": row, "checkpoint": f"{stage}/final", "mode": mode,
-                     "classification": t["cls_synth"]["acc_strict"], "vqa": t["vqa_synth"]["acc_strict"],
-                     "grounding_pr50": t["vg_synth"]["pr@0.5"], "grounding_miou": t["vg_synth"]["mean_iou"],
-                     "mcq": t["mcq_synth"]["acc_strict"],
-                     "format_rate": format_rate(out / "eval" / f"{stage}-{mode}") if mode == "think" else None})
-    return rows
+def table_row(out: Path, label: str, name: str, mode: str, m: dict, int8: bool = False) -> dict:
+    t = m["tasks"]
+    return {"row": label, "checkpoint": f"{name}/final", "mode": mode, "eval_dir": eval_dir(name, mode, int8),
+            "classification": t["cls_synth"]["acc_strict"], "vqa": t["vqa_synth"]["acc_strict"],
+            "grounding_pr50": t["vg_synth"]["pr@0.5"], "grounding_miou": t["vg_synth"]["mean_iou"],
+            "mcq": t["mcq_synth"]["acc_strict"],
+            "format_rate": format_rate(out / eval_dir(name, mode, int8)) if mode == "think" else None}
 
 
-def reward_trend(out: Path) -> dict:
-    """GRPO mean reward over the first and the last quarter of its steps."""
-    r = [m["reward"] for m in read_jsonl(out / "grpo" / "metrics.jsonl")]
-    first, last = quarters(r)
-    return {"steps": len(r), "first_quarter": first, "last_quarter": last}
+def record_scores(folder: Path, column: str) -> list[float]:
+    """One score per evaluation record of `column`, in record order (the table's number is their mean)."""
+    file, score = RECORD_SCORES[column]
+    return [score(r) for r in sorted((r for r in read_jsonl(folder / f"{file}.jsonl") if "index" in r),
+                                     key=lambda r: r["index"])]
 
 
-def markdown(rows: list[dict], trend: dict, n_eval: dict) -> str:
+def paired_bootstrap(a: list, b: list, resamples: int = 10000, seed: int = 0) -> dict:
+    """mean(a) - mean(b) over the same records, and its 95% interval: records resampled with replacement, the
+    same draw for both (so what the two runs share cancels), the 2.5th and 97.5th percentiles of the difference."""
+    import numpy as np
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or not len(a):
+        raise ValueError(f"a paired comparison needs the same records on both sides: {a.shape} vs {b.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(a), (resamples, len(a)))
+    diffs = (a - b)[idx].mean(1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"diff": float((a - b).mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def stage_effects(out: Path, rows: dict) -> list[dict]:
+    """Every EFFECTS line: per column the paired difference (row - row without the stage), its interval, the
+    paper's number."""
+    effects = []
+    for stage, row, base, paper in EFFECTS:
+        diffs = {c: paired_bootstrap(record_scores(out / rows[row]["eval_dir"], c),
+                                     record_scores(out / rows[base]["eval_dir"], c)) for c in RECORD_SCORES}
+        effects.append({"stage": stage, "row": row, "against": base, "diffs": diffs, "paper": paper})
+    return effects
+
+
+def reward_trend(out: Path, run_name: str) -> dict:
+    """A GRPO run's mean reward over the first and the last quarter of its steps, in all and per answer type."""
+    m = read_jsonl(out / run_name / "metrics.jsonl")
+    first, last = quarters([x["reward"] for x in m])
+    trend = {"steps": len(m), "first_quarter": first, "last_quarter": last, "accuracy_by_type": {}}
+    for k in sorted({k for x in m for k in x if k.startswith("accuracy_")}):  # per answer type, steps that had it
+        vals = [x[k] for x in m if k in x]
+        trend["accuracy_by_type"][k.removeprefix("accuracy_")] = dict(zip(("first_quarter", "last_quarter"),
+                                                                         quarters(vals)))
+    return trend
+
+
+def markdown(rows: list[dict], effects: list[dict], trends: dict, n_eval: dict, int8: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| Stages | Mode | " + " | ".join(h for _, h in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     lines += [f"| {r['row']} | {r['mode']} | " + " | ".join(pct(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
-    return ("\n".join(lines) + "\n\nPercent on the synthetic evaluation split (" + ", ".join(
-        f"{k} {v}" for k, v in n_eval.items()) + " records): strict accuracy; grounding Pr@0.5 and mean IoU; format:"
-            " share of answers in <reasoning>...</reasoning><answer>...</answer> form (think mode only).\n"
-            f"GRPO mean reward: {trend['first_quarter']:.3f} over the first quarter of its {trend['steps']} steps, "
-            f"{trend['last_quarter']:.3f} over the last.\n")
+    names = dict(COLUMNS)
+    lines += ["", "Each stage's effect, points (ours: paired difference over the same records [95% bootstrap "
+                  "interval]; paper: Table II of the TinyRS-R1 paper, where it reports the column):", "",
+              "| Stage | Rows | " + " | ".join(names[c] for c in RECORD_SCORES) + " |",
+              "|---" * (len(RECORD_SCORES) + 2) + "|"]
+    for e in effects:
+        cells = []
+        for c in RECORD_SCORES:
+            d = e["diffs"][c]
+            paper = f"; paper {e['paper'][c]:+.1f}" if c in e["paper"] else ""
+            cells.append(f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{paper}")
+        lines.append(f"| {e['stage']} | {e['row']} - {e['against']} | " + " | ".join(cells) + " |")
+    lines += ["", "Percent on the synthetic evaluation split (" + ", ".join(f"{k} {v}" for k, v in n_eval.items())
+              + " records): strict accuracy; grounding Pr@0.5 and mean IoU; format: share of answers in "
+              "<reasoning>...</reasoning><answer>...</answer> form (think mode only)."]
+    for name, t in trends.items():
+        by_type = ", ".join(f"{k} {v['first_quarter']:.3f} -> {v['last_quarter']:.3f}"
+                            for k, v in t["accuracy_by_type"].items())
+        lines.append(f"GRPO {name}: mean reward {t['first_quarter']:.3f} over the first quarter of its {t['steps']} "
+                     f"steps, {t['last_quarter']:.3f} over the last" + (f" (accuracy reward by answer type: "
+                                                                        f"{by_type})" if by_type else "") + ".")
+    lines.append(f"{INT8_ROW} with int8 weights (evaluate.py --quantize int8), points against fp32: " + ", ".join(
+        f"{names[c]} {pct(int8['row'][c])} ({100 * int8['delta'][c]:+.1f})" for c in int8["delta"]) + ".")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,22 +332,27 @@ def line_chart(path: Path, title: str, series: dict, ylabel: str, size=(900, 400
 
 
 def draw_curves(out: Path) -> list[str]:
-    """loss.png: P, S, C losses on one step axis, one stage after another; reward.png: GRPO reward per step."""
+    """loss.png: the SFT-style runs' losses, P -> PS -> PSC on one step axis and S alone from step 0;
+    reward.png and reward_PSR.png: each GRPO run's reward per step and its parts."""
     series, offset = {}, 0
-    for stage, label in (("pretrain", "P"), ("sft", "S"), ("cot", "C")):
-        m = read_jsonl(out / stage / "metrics.jsonl")
+    for name, label in (("P", "P"), ("PS", "S after P"), ("PSC", "C after P+S")):
+        m = read_jsonl(out / name / "metrics.jsonl")
         series[f"{label} loss"] = [(offset + r["step"], r["loss"]) for r in m]
         offset += len(m)
-    line_chart(out / "loss.png", "Training loss, stages P -> S -> C", series, "loss")
-    g = read_jsonl(out / "grpo" / "metrics.jsonl")
-    r = [x["reward"] for x in g]
-    rew = {"reward": [(x["step"], x["reward"]) for x in g],  # and its mean over the last 5 steps: the trend
-           "reward, 5-step mean": [(x["step"], sum(r[max(0, i - 4):i + 1]) / len(r[max(0, i - 4):i + 1]))
-                                   for i, x in enumerate(g)]}
-    rew.update({k.replace("reward_", ""): [(x["step"], x[k]) for x in g] for k in g[0]
-                if k.startswith("reward_") and k != "reward_std"})
-    line_chart(out / "reward.png", "GRPO mean reward per step (and its parts)", rew, "reward")
-    return ["loss.png", "reward.png"]
+    series["S alone loss"] = [(r["step"], r["loss"]) for r in read_jsonl(out / "S" / "metrics.jsonl")]
+    line_chart(out / "loss.png", "Training loss, stages P -> S -> C (and S alone)", series, "loss")
+    pngs = ["loss.png"]
+    for name, png in (("PSCR", "reward.png"), ("PSR", "reward_PSR.png")):
+        g = read_jsonl(out / name / "metrics.jsonl")
+        r = [x["reward"] for x in g]
+        rew = {"reward": [(x["step"], x["reward"]) for x in g],  # and its mean over the last 5 steps: the trend
+               "reward, 5-step mean": [(x["step"], sum(r[max(0, i - 4):i + 1]) / len(r[max(0, i - 4):i + 1]))
+                                       for i, x in enumerate(g)]}
+        rew.update({k.replace("reward_", ""): [(x["step"], x[k]) for x in g] for k in g[0]
+                    if k.startswith("reward_") and k != "reward_std"})
+        line_chart(out / png, f"GRPO ({name}) mean reward per step (and its parts)", rew, "reward")
+        pngs.append(png)
+    return pngs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,15 +379,21 @@ def main(argv=None) -> int:
         evals = evaluate_rows(out, cfg, a.nproc, times, retrained)
     finally:
         times_file.write_text(json.dumps(times, indent=1))
-    rows, trend = table_rows(out, evals), reward_trend(out)
-    n_eval = {name: evals["P"]["tasks"][name]["n"] for name in EVAL_FILES}
-    md = markdown(rows, trend, n_eval)
+    rows = [table_row(out, label, name, mode, evals[label]) for label, name, mode in ROWS]
+    by_label = {r["row"]: r for r in rows}
+    effects = stage_effects(out, by_label)
+    name = dict((r, n) for r, n, _ in ROWS)[INT8_ROW]
+    q = table_row(out, f"{INT8_ROW} int8", name, "think", evals[f"{INT8_ROW} int8"], int8=True)
+    int8 = {"row": q, "delta": {c: q[c] - by_label[INT8_ROW][c] for c in RECORD_SCORES}}
+    trends = {n: reward_trend(out, n) for n, stage, _ in STAGES if stage == "grpo"}
+    n_eval = {f: evals[ROWS[0][0]]["tasks"][f]["n"] for f in EVAL_FILES}
+    md = markdown(rows, effects, trends, n_eval, int8)
     pngs = draw_curves(out)
-    (out / "results.md").write_text(f"# TinyRS demo: every stage on the synthetic split (seed {a.seed}"
+    (out / "results.md").write_text(f"# TinyRS demo: the ablation on the synthetic split (seed {a.seed}"
                                     f"{', --quick' if a.quick else ''})\n\n" + md)
     (out / "results.json").write_text(json.dumps({
-        "rows": rows, "grpo_reward": trend, "n_eval": n_eval, "seed": a.seed, "quick": a.quick,
-        "eval_dirs": {r: f"eval/{s}-{m}" for r, s, m in ROWS}, "curves": pngs, "seconds": times}, indent=1))
+        "rows": rows, "effects": effects, "int8": int8, "grpo_reward": trends, "n_eval": n_eval, "seed": a.seed,
+        "quick": a.quick, "curves": pngs, "seconds": times}, indent=1))
     log(f"done in {time.perf_counter() - t0:.0f} s this run; {out / 'results.md'}:\n\n{md}")
     log("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return 0

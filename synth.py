@@ -28,10 +28,14 @@ URBAN = frozenset({"airport", "harbor", "industrial", "parking lot", "residentia
 OBJECT_KINDS = ("building", "ship", "plane", "storage tank", "vehicle")
 COLOURS = {"white": (235, 235, 228), "grey": (128, 128, 134), "red": (192, 44, 38), "blue": (42, 82, 196),
            "yellow": (228, 196, 48), "black": (28, 28, 32)}
-# kind: (colours, long side in px, short/long side ratio)
-KINDS = {"building": (("red", "grey", "white", "blue"), (16, 34), (0.6, 1.0)),
-         "ship": (("white", "grey", "red"), (26, 44), (0.28, 0.38)), "plane": (("white", "grey"), (26, 40), (1, 1)),
-         "storage tank": (("white", "grey"), (14, 30), (1, 1)), "vehicle": (tuple(COLOURS), (9, 14), (0.45, 0.55))}
+# Objects other than vehicles lie on a grid of CELL-px cells, one image token each (14-px patches merged 2x2), at
+# least a cell apart: a box then ends where tokens end, so a tiny model at this resolution can learn to ground it
+# (boxes drawn anywhere, 9-44 px, were never grounded). Vehicles stay small and free: counted, never grounded.
+CELL = 28
+# kind: (colours, long side (in cells; vehicles in px), short/long side ratio)
+KINDS = {"building": (("red", "grey", "white", "blue"), (1, 2), (0.5, 1.0)),
+         "ship": (("white", "grey", "red"), (2, 3), (0.3, 0.45)), "plane": (("white", "grey"), (2, 2), (1, 1)),
+         "storage tank": (("white", "grey"), (1, 2), (1, 1)), "vehicle": (tuple(COLOURS), (9, 14), (0.45, 0.55))}
 # Per scene class, per object kind: (min, max) count. Few kinds per class, so objects are clues to the class.
 SCENE_OBJECTS = {
     "airport": {"plane": (1, 4), "vehicle": (0, 3)}, "desert": {"vehicle": (0, 2)},
@@ -45,14 +49,15 @@ _COVER = {"airport": "grass around a {dir} runway", "desert": "sand dunes over t
           "farmland": "crop fields in {n} plots", "forest": "dense trees over the whole area",
           "harbor": "water over most of the area and land along the {land} edge", "industrial": "bare concrete ground",
           "parking lot": "asphalt with painted parking lines", "residential": "houses along a grid of streets"}
-# (w, h): multiples of 28 within 28*28*64 pixels, so a tiny model's processor sees them whole, unresized.
-SYNTH_SIZES = ((224, 224), (224, 168), (168, 224), (196, 196))
+# (w, h): a multiple of 28 within 28*28*64 pixels, so a tiny model's processor sees it whole, unresized; one size,
+# so a box's 0-1000 coordinates are multiples of 125 (1000 / 8 cells).
+SYNTH_SIZES = ((224, 224),)
 # Each split draws from its own seed (seed*1000 + index): no scene is shared between splits.
 SYNTH_SPLITS = {"pretrain": 0, "sft": 1, "grpo": 2, "cls_synth": 3, "vqa_synth": 4, "vg_synth": 5, "mcq_synth": 6,
                 "example": 8, "corpus": 9}
 # Unbalanced on purpose (VHM-Instruct is): --balance in SFT has something to fix. GRPO leans on grounding.
-SFT_TASKS = {"cls": 0.30, "presence": 0.22, "count": 0.14, "vg": 0.12, "comparison": 0.08, "mcq": 0.08,
-             "rural_urban": 0.06}
+SFT_TASKS = {"cls": 0.25, "presence": 0.15, "count": 0.12, "vg": 0.25, "comparison": 0.07, "mcq": 0.08,
+             "rural_urban": 0.08}
 GRPO_TASKS = {"vg": 0.35, "cls": 0.15, "presence": 0.15, "count": 0.12, "comparison": 0.05, "mcq": 0.07,
               "rural_urban": 0.05, "caption": 0.06}
 # Evaluation file: (its task type for evaluate.py, the tasks it asks)
@@ -99,20 +104,26 @@ def _land_and_water(w, h, side, frac):
 
 
 def _place(rng, kind, region, taken):
-    """An object of `kind` inside `region`, 3 px clear of `taken`; None when 30 tries find no room."""
+    """An object of `kind` inside `region` and clear of `taken` (a cell between two grid objects, else 3 px); None
+    when 30 tries find no room."""
     colours, (lo, hi), aspect = KINDS[kind]
+    grid = kind != "vehicle"
     long = int(rng.integers(lo, hi + 1))
-    short = max(4, round(long * rng.uniform(*aspect)))
+    short = max(1 if grid else 4, round(long * rng.uniform(*aspect)))
     vertical = bool(rng.integers(2))
     bw, bh = (short, long) if vertical else (long, short)
     colour = colours[int(rng.integers(len(colours)))]
     x0, y0, x1, y1 = region
-    if x1 - x0 < bw + 6 or y1 - y0 < bh + 6:
+    step, pad = (CELL, 0) if grid else (1, 3)  # positions: whole cells inside the region, or pixels 3 px inside
+    bw, bh = bw * step, bh * step
+    xs = range(-(-(x0 + pad) // step) * step, x1 - pad - bw + 1, step)
+    ys = range(-(-(y0 + pad) // step) * step, y1 - pad - bh + 1, step)
+    if not xs or not ys:
         return None
     for _ in range(30):
-        x, y = int(rng.integers(x0 + 3, x1 - bw - 2)), int(rng.integers(y0 + 3, y1 - bh - 2))
-        if all(x + bw + 3 <= o.box[0] or o.box[2] + 3 <= x or y + bh + 3 <= o.box[1] or o.box[3] + 3 <= y
-               for o in taken):
+        x, y = xs[int(rng.integers(len(xs)))], ys[int(rng.integers(len(ys)))]
+        if all(x + bw + m <= o.box[0] or o.box[2] + m <= x or y + bh + m <= o.box[1] or o.box[3] + m <= y
+               for o in taken for m in [CELL if grid and o.kind != "vehicle" else 3]):
             return SynthObject(kind, colour, (x, y, x + bw, y + bh), vertical)
     return None
 
@@ -271,9 +282,11 @@ def scene_caption(s: SynthScene) -> str:
 
 
 def _referable(s: SynthScene) -> list:
-    """(phrase, object) for objects a short phrase picks out: the only one of its kind, or of its colour."""
+    """(phrase, object) for grid objects a short phrase picks out: the only one of its kind, or of its colour."""
     out = []
     for o in s.objects:
+        if o.kind == "vehicle":  # a few pixels: countable, too small to ground at this resolution
+            continue
         same = [p for p in s.objects if p.kind == o.kind]
         if len(same) == 1:
             out.append((o.kind, o))

@@ -156,6 +156,29 @@ def test_training_records_match_the_drawn_scenes(world):
                 check_task(scene, r["task"], r["question"], r["answer"])
 
 
+def test_grounded_objects_lie_on_the_token_grid_a_cell_apart():
+    """Boxes a question refers to end where image tokens end (28 px: 14-px patches merged 2x2), so the tiny model
+    can resolve them; vehicles (a few pixels) are counted but never grounded."""
+    grid, referred = 0, 0
+    for scene, tasks in synth.split_items(SEED, "sft", 200, 2):
+        cells = [o for o in scene.objects if o.kind != "vehicle"]
+        grid += len(cells)
+        for o in cells:
+            assert all(v % synth.CELL == 0 for v in o.box) and o.box[2] <= scene.w and o.box[3] <= scene.h, o
+        for i, a in enumerate(cells):  # no two grid objects touch: at least one empty cell between them
+            for b in cells[i + 1:]:
+                gap_x = max(b.box[0] - a.box[2], a.box[0] - b.box[2])
+                gap_y = max(b.box[1] - a.box[3], a.box[1] - b.box[3])
+                assert max(gap_x, gap_y) >= synth.CELL, (a, b)
+        for t in tasks:
+            if t["task"] == "vg":
+                referred += 1
+                assert "vehicle" not in t["q"]
+                box = [int(v) for v in re.findall(r"\d+", t["answer"])]
+                assert len(box) == 4 and all(v % (1000 * synth.CELL // scene.w) == 0 for v in box), t["answer"]
+    assert grid > 400 and referred > 20  # enough of both to have checked something
+
+
 def test_vhm_tags_and_unbalanced_tasks():
     counts = collections.Counter(t["task"] for _, ts in synth.split_items(0, "sft", 500, 2) for t in ts)
     assert set(counts) == set(synth.SFT_TASKS)
