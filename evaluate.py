@@ -445,11 +445,11 @@ def prompt_length(run: Run, rec: Record, task_type: str) -> int:
 SERVER_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what OpenAI-compatible servers take as data URLs
 
 
-def image_data_url(rec: Record) -> tuple[str, list[int]]:
+def exact_data_url(rec: Record) -> tuple[str, list[int]]:
     """(data URL, [w, h]) of a record's image at full resolution: the file's own bytes when servers take its
     format, else its decoded pixels as a lossless PNG. Either way the server decodes exactly the pixels a local
-    run sees and its processor sizes them as a local run does; a bounded (re-encoded, downscaled) copy would
-    change the pixels, and the scores with them."""
+    run sees and its processor sizes them as a local run does; a bounded, re-encoded copy (data.image_data_url,
+    what the judge gets) would change the pixels, and the scores with them."""
     import base64
     import io
     img = read_image(rec)  # decoded whole, so a truncated file fails here as it does in a local run
@@ -469,7 +469,7 @@ def image_data_url(rec: Record) -> tuple[str, list[int]]:
 
 def ask_endpoint(run: Run, task_type: str, rec: Record) -> dict:
     """One record as one greedy chat request; its output line (the image named by its path, not inlined)."""
-    url, size = image_data_url(rec)
+    url, size = exact_data_url(rec)
     messages = chat_messages(rec.question, task_type, run.mode, run.prompts, url)
     t0 = time.perf_counter()
     r = run.endpoint.client.chat.completions.create(model=run.endpoint.model, messages=messages, temperature=0,
