@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--max-pixels", type=int, default=None, help="override the processor's max_pixels")
     ap.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--quantize", choices=["int8"], default=None,
-                    help="int8 weights for CPU decoding (about 3x fewer bytes to stream per token than fp32)")
+                    help="int8 weights for CPU decoding (a quarter of fp32's weight bytes per token)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -91,6 +91,7 @@ RECORD_SCORES = {"classification": ("cls_synth", lambda r: float(r["strict"])),
                  "grounding_pr50": ("vg_synth", lambda r: sum(v >= 0.5 for v in r["iou"]) / len(r["iou"])),
                  "mcq": ("mcq_synth", lambda r: float(r["strict"]))}
 INT8_ROW = "P+S+C+R"  # evaluated again with int8 weights (evaluate.py --quantize int8)
+INT8_RUN = {row: run for row, run, _ in ROWS}[INT8_ROW]
 
 
 def log(msg: str):
@@ -180,7 +181,7 @@ def evaluate_rows(out: Path, cfg: dict, nproc: int, times: dict, retrained: set)
     files = [a for name, kind in EVAL_FILES.items() for a in ("--task-file", ev / f"{name}.json", "--task-type", kind)]
     results = {}
     for label, name, mode, int8 in [(r, n, m, False) for r, n, m in ROWS] + [
-            (f"{INT8_ROW} int8", dict((r, n) for r, n, _ in ROWS)[INT8_ROW], "think", True)]:
+            (f"{INT8_ROW} int8", INT8_RUN, "think", True)]:
         folder = out / eval_dir(name, mode, int8)
         if name in retrained:  # predictions of an earlier checkpoint of the same run must not be resumed
             shutil.rmtree(folder, ignore_errors=True)
@@ -383,8 +384,7 @@ def main(argv=None) -> int:
     rows = [table_row(out, label, name, mode, evals[label]) for label, name, mode in ROWS]
     by_label = {r["row"]: r for r in rows}
     effects = stage_effects(out, by_label)
-    name = dict((r, n) for r, n, _ in ROWS)[INT8_ROW]
-    q = table_row(out, f"{INT8_ROW} int8", name, "think", evals[f"{INT8_ROW} int8"], int8=True)
+    q = table_row(out, f"{INT8_ROW} int8", INT8_RUN, "think", evals[f"{INT8_ROW} int8"], int8=True)
     int8 = {"row": q, "delta": {c: q[c] - by_label[INT8_ROW][c] for c in RECORD_SCORES}}
     trends = {n: reward_trend(out, n) for n, stage, _ in STAGES if stage == "grpo"}
     n_eval = {f: evals[ROWS[0][0]]["tasks"][f]["n"] for f in EVAL_FILES}
