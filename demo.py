@@ -31,9 +31,10 @@ EVAL_FILES = {"cls_synth": "cls", "vqa_synth": "vqa", "vg_synth": "bbox", "mcq_s
 # training tools' defaults (the paper's 512..1280 * 28 * 28) would upscale them to ~8x the image tokens.
 PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 # One micro-batch per rank and step; one loader worker per rank (2 ranks on 2 cores). No weight decay: a few
-# hundred steps from random weights have nothing to regularise.
+# hundred steps from random weights have nothing to regularise. Packed rows: grounded captions run from ~40 to
+# ~300 tokens, padding was a third of P's tokens, and packing makes its steps 13% faster at the same loss.
 SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "workers": 1,
-              "warmup_ratio": 0.05, "weight_decay": 0.0}
+              "warmup_ratio": 0.05, "weight_decay": 0.0, "pack": True}
 
 # Flags of each tool, by stage (snake_case -> --kebab-case; True -> a bare flag); both runs of a stage (S alone and
 # after P; R after P+S and after P+S+C) share them. On 2 CPU cores the six runs and six evaluations take ~13 min
@@ -43,7 +44,7 @@ SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "w
 FULL = {
     "synth": {"n_pretrain": 1000, "n_sft": 1000, "questions_per_image": 2, "n_grpo": 300, "n_eval": 200},
     "tiny": {},
-    "pretrain": {**SFT_COMMON, "max_steps": 60, "lr": 2e-3, "vision_lr": 2e-3},
+    "pretrain": {**SFT_COMMON, "max_steps": 250, "lr": 2e-3, "vision_lr": 2e-3},
     # No task balancing: balancing doubles grounding's share, and its ~20 digit tokens per answer then drown the
     # 1-token classification answers in the token-mean loss (classification stays near chance in this budget).
     "sft": {**SFT_COMMON, "max_steps": 200, "lr": 2e-3, "vision_lr": 2e-3, "warmup_ratio": 0.1, "no_balance": True},

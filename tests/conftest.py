@@ -24,7 +24,9 @@ def build_tokenizer():
     return synth.train_tokenizer(CORPUS * 4, vocab_size=512)
 
 
-def tiny_config(tok, tie=False, layers=2, vision_depth=2, hidden=64, heads=4, kv_heads=2):
+def tiny_config(tok, tie=False, layers=2, vision_depth=2, hidden=64, heads=4, kv_heads=2, rope_theta=10.0):
+    """rope_theta 10 by default, the demo's tiny model's: the oracle then also checks that a theta other than
+    the 2B's 1e6 is read from config.json and used."""
     from transformers import Qwen2VLConfig
     ids = {t: tok.token_to_id(t) for t in synth.SPECIAL_TOKENS}
     vocab = tok.get_vocab_size() + 3  # a few unused rows, as the real checkpoint has
@@ -33,7 +35,7 @@ def tiny_config(tok, tie=False, layers=2, vision_depth=2, hidden=64, heads=4, kv
     return Qwen2VLConfig(
         text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden + 16, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=1024,
+                         rms_norm_eps=1e-6, rope_theta=rope_theta, max_position_embeddings=1024,
                          rope_scaling={"type": "mrope", "mrope_section": section}, tie_word_embeddings=tie,
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),

@@ -96,6 +96,19 @@ def test_logits_and_positions_equal_transformers(pair, case):
         assert torch.equal(pos, want_pos)
 
 
+
+def test_the_2bs_rope_theta_equals_transformers_too(tmp_path):
+    """The fixtures use the tiny model's theta 10; the released checkpoints use 1e6."""
+    hf = conftest.make_checkpoint(str(tmp_path), rope_theta=1e6)
+    ours = CK.load(str(tmp_path))
+    assert ours.config.rope_theta == 1e6
+    pv, thw = oracle_images([(60, 90)])
+    ids = torch.tensor([build_ids(ours.config, ["<|im_start|>user\n", int(thw[0].prod()) // 4, "Count ships."])])
+    want, _ = hf_logits(hf, ids, None, pv, thw)
+    with torch.no_grad():
+        got = ours(ids, pixel_values=pv, image_grid_thw=thw)
+    assert rel_err(got, want) < 1e-5
+
 def test_positions_skip_left_padding_and_restart_per_packed_segment(pair):
     ours, _ = pair
     cfg = ours.config
