@@ -283,14 +283,15 @@ def _box_text(s: SynthScene, box) -> str:
 
 def scene_caption(s: SynthScene) -> str:
     """A grounded caption: scene class, land cover, then every object but vehicles with its box (vehicles, a few
-    pixels each, only counted). Qwen2-VL's own pre-training pairs boxes with text this way; here it is what lets
-    the P stage teach where things are, not only what they are."""
-    c = _counts(s)
+    pixels each, only counted). Qwen2-VL's own pre-training pairs text with boxes too; here it is what lets the P
+    stage teach where things are, not only what they are."""
     parts = []
     for k in OBJECT_KINDS:
         objs = [o for o in s.objects if o.kind == k]
-        if k == "vehicle" or not objs:
-            parts += [f"{c[k]} {_plural(k, c[k])}"] if objs else []
+        if not objs:
+            continue
+        if k == "vehicle":
+            parts.append(f"{len(objs)} {_plural(k, len(objs))}")
         elif len(objs) == 1:
             parts.append(f"1 {objs[0].colour} {k} at {_box_text(s, objs[0].box)}")
         else:
