@@ -105,7 +105,7 @@ def child(a):
                                   pad_token_id=0, **kw)
     cfg = CK.config_from_json(json.load(open(os.path.join(a.ckpt, "config.json"))))
     ids, mask, pv, thw = inputs(cfg, a.batch, a.image_size, a.text_tokens, dev)
-    gen(2)  # warm-up
+    gen(a.new_tokens)  # warm-up at the measured shapes: the compiled step's static cache is sized by new tokens
     prefill, total = [], []
     with PeakMemory(dev) as mem:
         for _ in range(a.reps):
@@ -193,8 +193,8 @@ def train_bench(a):
                 raise SystemExit(f"{name} run failed:\n{out.stderr[-3000:]}")
             with open(os.path.join(tmp, name, "metrics.jsonl")) as f:
                 steps = [json.loads(line) for line in f][1:] or [{}]
-            keys = ("tokens_per_s", "mfu", "step_s") if name == "sft" else (
-                "rollout_s", "scoring_s", "update_s", "rollout_tokens_per_s")
+            keys = ("tokens_per_s", "mfu", "step_s", "peak_mem_gb") if name == "sft" else (
+                "rollout_s", "scoring_s", "update_s", "rollout_tokens_per_s", "peak_mem_gb")
             summary[name] = {k: statistics.median(s[k] for s in steps) for k in keys if k in steps[0]}
         summary["sft"]["tokens_per_s_per_rank"] = summary["sft"].pop("tokens_per_s") / a.nproc
         print(json.dumps(summary, indent=2))
