@@ -125,7 +125,9 @@ def test_smart_resize_errors():
 def test_image_processor_matches_oracle(h, w, mode):
     img = rand_image(h, w, mode, seed=h * 1000 + w)
     pv, grid = data.ImageProcessor(max_pixels=SMALL_MAX)([img])
-    ref = oracle_image_processor()(images=[img], return_tensors="pt")
+    # The oracle gets our RGB copy: how transformers treats alpha changed between versions (5.17 drops it, 5.23
+    # composites on white); the alpha rule has its own test below, against Qwen's public one.
+    ref = oracle_image_processor()(images=[data.to_rgb(img)], return_tensors="pt")
     assert grid.dtype == torch.long and torch.equal(grid, ref["image_grid_thw"])
     assert pv.dtype == torch.float32 and pv.shape == ref["pixel_values"].shape
     assert pv.shape == (int(grid.prod()), 3 * 2 * 14 * 14)
@@ -147,7 +149,7 @@ def test_image_processor_several_images_and_paths(tmp_path):
     path = tmp_path / "third.png"
     imgs[2].save(path)
     pv, grid = data.ImageProcessor(max_pixels=SMALL_MAX)([imgs[0], imgs[1], str(path)])
-    ref = oracle_image_processor()(images=imgs, return_tensors="pt")
+    ref = oracle_image_processor()(images=[data.to_rgb(i) for i in imgs], return_tensors="pt")  # RGB: see above
     assert torch.equal(grid, ref["image_grid_thw"]) and grid.shape == (3, 3)
     assert torch.equal(pv, ref["pixel_values"])
 
@@ -180,6 +182,22 @@ def test_image_processor_config_layouts():
     cfg = {k: v for k, v in b.to_dict().items() if k not in ("image_processor_type", "processor_class")}
     o = Qwen2VLImageProcessorPil(**cfg)
     assert (o.size["shortest_edge"], o.size["longest_edge"]) == (4000, 50000)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_alpha_composited_on_white_as_qwen_vl_utils(mode):
+    # Qwen's own image loader (QwenLM/Qwen2-VL, qwen-vl-utils/src/qwen_vl_utils/vision_process.py, to_rgb) pastes an
+    # RGBA image onto white through its alpha; we do the same for every mode that carries transparency (LA, a
+    # palette with a transparent index), which that loader would convert without it.
+    img = rand_image(90, 61, mode, seed=4)
+    rgba = img.convert("RGBA")
+    public = Image.new("RGB", img.size, (255, 255, 255))
+    public.paste(rgba, mask=rgba.split()[3])
+    ours = data.to_rgb(img)
+    assert ours.mode == "RGB" and np.array_equal(np.asarray(ours), np.asarray(public))
+    assert not np.array_equal(np.asarray(ours), np.asarray(img.convert("RGB")))  # the alpha did matter
+    pv, _ = data.ImageProcessor(max_pixels=SMALL_MAX)([img])
+    assert torch.equal(pv, data.ImageProcessor(max_pixels=SMALL_MAX)([public])[0])
 
 
 def test_load_image_rgb_and_errors(tmp_path):
@@ -259,7 +277,7 @@ def test_processor_call_matches_oracle_left_and_right(proc, oracle_proc):
     imgs = [rand_image(100, 130, seed=5), rand_image(30, 400, seed=6), rand_image(600, 40, "RGBA", seed=7)]
     for side in ("left", "right"):
         ours = proc([a, b], images=imgs, padding_side=side)
-        ref = oracle_proc(text=[a, b], images=imgs, padding=True, padding_side=side, return_tensors="pt")
+        ref = oracle_proc(text=[a, b], images=[data.to_rgb(i) for i in imgs], padding=True, padding_side=side, return_tensors="pt")
         for k in ("input_ids", "attention_mask", "image_grid_thw", "pixel_values"):
             assert torch.equal(ours[k], ref[k]), (side, k)
         mask = ours["attention_mask"]
