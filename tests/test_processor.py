@@ -277,7 +277,8 @@ def test_processor_call_matches_oracle_left_and_right(proc, oracle_proc):
     imgs = [rand_image(100, 130, seed=5), rand_image(30, 400, seed=6), rand_image(600, 40, "RGBA", seed=7)]
     for side in ("left", "right"):
         ours = proc([a, b], images=imgs, padding_side=side)
-        ref = oracle_proc(text=[a, b], images=[data.to_rgb(i) for i in imgs], padding=True, padding_side=side, return_tensors="pt")
+        ref = oracle_proc(text=[a, b], images=[data.to_rgb(i) for i in imgs], padding=True, padding_side=side,
+                          return_tensors="pt")
         for k in ("input_ids", "attention_mask", "image_grid_thw", "pixel_values"):
             assert torch.equal(ours[k], ref[k]), (side, k)
         mask = ours["attention_mask"]
