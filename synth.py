@@ -25,7 +25,7 @@ from data import DEFAULT_SYSTEM, REASONING_SYSTEM_PROMPT, TASK_PROMPTS, ImagePro
 
 SCENE_CLASSES = ("airport", "desert", "farmland", "forest", "harbor", "industrial", "parking lot", "residential")
 URBAN = frozenset({"airport", "harbor", "industrial", "parking lot", "residential"})
-OBJECT_KINDS = ("building", "ship", "plane", "storage tank", "vehicle")
+OBJECT_KINDS = ("building", "ship", "plane", "tank", "vehicle")
 COLOURS = {"white": (235, 235, 228), "grey": (128, 128, 134), "red": (192, 44, 38), "blue": (42, 82, 196),
            "yellow": (228, 196, 48), "black": (28, 28, 32)}
 # Objects other than vehicles fill whole cells of a 4x4 grid (CELL px: 2x2 image tokens, as 14-px patches merge
@@ -37,13 +37,13 @@ CELL = 56
 # kind: (colours, long side (in cells; vehicles in px), short/long side ratio)
 KINDS = {"building": (("red", "grey", "white", "blue"), (1, 1), (1, 1)),
          "ship": (("white", "grey", "red"), (2, 2), (0.5, 0.5)), "plane": (("white", "grey"), (1, 1), (1, 1)),
-         "storage tank": (("white", "grey"), (1, 1), (1, 1)), "vehicle": (tuple(COLOURS), (9, 14), (0.45, 0.55))}
+         "tank": (("white", "grey"), (1, 1), (1, 1)), "vehicle": (tuple(COLOURS), (9, 14), (0.45, 0.55))}
 # Per scene class, per object kind: (min, max) count. Few kinds per class, so objects are clues to the class.
 SCENE_OBJECTS = {
     "airport": {"plane": (1, 4), "vehicle": (0, 3)}, "desert": {"vehicle": (0, 2)},
     "farmland": {"building": (0, 2), "vehicle": (0, 1)}, "forest": {"building": (0, 1)},
-    "harbor": {"ship": (2, 6), "storage tank": (0, 3)},
-    "industrial": {"storage tank": (3, 7), "building": (1, 3), "vehicle": (0, 2)},
+    "harbor": {"ship": (2, 6), "tank": (0, 3)},
+    "industrial": {"tank": (3, 7), "building": (1, 3), "vehicle": (0, 2)},
     "parking lot": {"vehicle": (8, 18), "building": (0, 1)}, "residential": {"building": (5, 10), "vehicle": (0, 4)},
 }
 # Land cover as a noun phrase; {land}, {dir}, {n} come from the scene layout.
@@ -56,7 +56,7 @@ _COVER = {"airport": "grass around a {dir} runway", "desert": "sand dunes over t
 SYNTH_SIZES = ((224, 224),)
 # Each split draws from its own seed (seed*1000 + index): no scene is shared between splits.
 SYNTH_SPLITS = {"pretrain": 0, "sft": 1, "grpo": 2, "cls_synth": 3, "vqa_synth": 4, "vg_synth": 5, "mcq_synth": 6,
-                "example": 8, "corpus": 9}
+                "pretrain_vg": 7, "example": 8, "corpus": 9, "sft_vg": 10, "grpo_vg": 11}
 # Unbalanced on purpose (VHM-Instruct is): --balance in SFT has something to fix. GRPO leans on grounding.
 SFT_TASKS = {"cls": 0.25, "presence": 0.15, "count": 0.12, "vg": 0.25, "comparison": 0.07, "mcq": 0.08,
              "rural_urban": 0.08}
@@ -137,7 +137,7 @@ def sample_scene(rng, cls=None) -> SynthScene:
     layout, regions = {}, {}
     if cls == "harbor":
         layout = {"land": ("left", "right", "top", "bottom")[int(rng.integers(4))], "frac": rng.uniform(0.6, 0.75)}
-        regions["ship"], regions["storage tank"] = _land_and_water(w, h, layout["land"], layout["frac"])
+        regions["ship"], regions["tank"] = _land_and_water(w, h, layout["land"], layout["frac"])
     elif cls == "airport":
         layout = {"dir": ("horizontal", "vertical")[int(rng.integers(2))], "pos": rng.uniform(0.3, 0.7)}
     elif cls == "farmland":
@@ -230,7 +230,7 @@ def render_scene(s: SynthScene):
             d.rectangle((x1, y1, x2, y2), fill=c, outline=dark)
             mx, my = (x1 + x2) // 2, (y1 + y2) // 2
             d.line((mx, y1, mx, y2) if o.vertical else (x1, my, x2, my), fill=dark)
-        elif o.kind == "storage tank":
+        elif o.kind == "tank":
             d.ellipse((x1 + 2, y1 + 2, x2 + 2, y2 + 2), fill=(38, 38, 40))
             d.ellipse((x1, y1, x2, y2), fill=c, outline=dark, width=2)
             k = (x2 - x1) // 4
@@ -282,9 +282,10 @@ def _box_text(s: SynthScene, box) -> str:
 
 
 def scene_caption(s: SynthScene) -> str:
-    """A grounded caption: scene class, land cover, then every object but vehicles with its box (vehicles, a few
-    pixels each, only counted). Qwen2-VL's own pre-training pairs text with boxes too; here it is what lets the P
-    stage teach where things are, not only what they are."""
+    """A caption: scene class, land cover, then every object but vehicles with its colour and where it lies
+    (vehicles, a few pixels each, only counted). Positions in words, not boxes: P's boxes come from its grounding
+    records (single_object_scene), each at the distance from the image that S's grounding answers use; boxes
+    inside captions sit at distances that vary with the text before them, and made P's steps half digits."""
     parts = []
     for k in OBJECT_KINDS:
         objs = [o for o in s.objects if o.kind == k]
@@ -293,25 +294,45 @@ def scene_caption(s: SynthScene) -> str:
         if k == "vehicle":
             parts.append(f"{len(objs)} {_plural(k, len(objs))}")
         elif len(objs) == 1:
-            parts.append(f"1 {objs[0].colour} {k} at {_box_text(s, objs[0].box)}")
+            parts.append(f"1 {objs[0].colour} {k} at the {_where(s, objs[0].box)}")
         else:
-            parts.append(f"{len(objs)} {_plural(k)} (" + ", ".join(f"{o.colour} at {_box_text(s, o.box)}"
+            parts.append(f"{len(objs)} {_plural(k)} (" + ", ".join(f"{o.colour} at the {_where(s, o.box)}"
                                                                    for o in objs) + ")")
     objs = ("The image contains " + _join(parts) + "." if parts
-            else "There are no buildings, ships, planes, storage tanks or vehicles.")
+            else "There are no buildings, ships, planes, tanks or vehicles.")
     return f"An aerial view of {_article(s.cls)} {s.cls} scene. It shows {_cover(s)}. {objs}"
 
 
+# One-object grounding questions, each split its own scenes: P's records (pretrain.json), S's and C's (kept in
+# sft.json and cot.json, so S and C do not wear down what P taught), R's prompts (grpo.jsonl).
+ONE_OBJECT_SPLITS = ("pretrain_vg", "sft_vg", "grpo_vg")
+
+
+def single_object_scene(rng) -> SynthScene:
+    """A scene with one grid object (and its vehicles): P's grounding records. With one candidate, a grounding
+    answer depends only on where the object is, so P can learn to read positions before S asks it to pick
+    one object among several; learnt from scratch among distractors, neither skill gets a signal until the
+    other has one (grounding only, 300 steps: 5% Pr@0.5 on the evaluation split; one object per image: 25.5%)."""
+    while True:
+        s = sample_scene(rng)
+        grid = [o for o in s.objects if o.kind != "vehicle"]
+        if grid:
+            s.objects = [grid[int(rng.integers(len(grid)))]] + [o for o in s.objects if o.kind == "vehicle"]
+            return s
+
+
 def _referable(s: SynthScene) -> list:
-    """(phrase, object) for grid objects a short phrase picks out: the only one of its kind, or of its colour."""
+    """(phrase, object) for the grid objects "<colour> <kind>" picks out (the only one of that kind in that colour).
+    Always both words, even where the kind alone would do: every grounding question is then the same number of
+    tokens, so a box's first coordinate is always written the same distance after the image. The tiny model
+    reads position through M-RoPE, relative to the token it writes; with phrases of 1 to 3 tokens that distance
+    moved by up to 2 tokens, as much as half a grid cell in the rotary angles, and grounding stayed at chance
+    (one object per image, 300 steps: 10% Pr@0.5 with varying questions, 25.5% with one fixed question)."""
     out = []
     for o in s.objects:
         if o.kind == "vehicle":  # a few pixels: countable, too small to ground at this resolution
             continue
-        same = [p for p in s.objects if p.kind == o.kind]
-        if len(same) == 1:
-            out.append((o.kind, o))
-        elif sum(p.colour == o.colour for p in same) == 1:
+        if sum(p.kind == o.kind and p.colour == o.colour for p in s.objects) == 1:
             out.append((f"{o.colour} {o.kind}", o))
     return out
 
@@ -363,9 +384,11 @@ def synth_task(rng, s: SynthScene, task: str) -> dict | None:
             return None
         phrase, o = pick(refs)
         b = norm_box(s, o.box)
+        # The reasoning opens with the box: a reasoned answer then writes its first coordinate one token later than a
+        # plain answer does (after "<reasoning"), as close as it can come to where P and S learnt to write boxes.
         t.update(type="bbox", q=f"Locate the {phrase} in this image.", answer=_box_text(s, o.box),
-                 box_px=list(o.box), reasoning=f"The {phrase} is at the {_where(s, o.box)} of the image. In 0-1000 "
-                 f"coordinates it spans x from {b[0]} to {b[2]} and y from {b[1]} to {b[3]}.")
+                 box_px=list(o.box), reasoning=f"{_box_text(s, o.box)} holds the {phrase}: at the {_where(s, o.box)} "
+                 f"of the image, x from {b[0]} to {b[2]} and y from {b[1]} to {b[3]} in 0-1000 coordinates.")
     elif task == "mcq":
         single, top = [k for k in present if c[k] == 1], [k for k in present if c[k] == max(c.values())]
         kinds = ["scene"] + ["counting"] * bool(present) + ["color"] * bool(single) + \
@@ -426,13 +449,14 @@ def _split_rng(seed: int, split: str):
 
 def split_items(seed: int, split: str, n: int, per_image: int = 1):
     """(scene, tasks) for the n images of a split, in file order: the one source of the files and of the facts
-    tests check them against. pretrain has no tasks; an evaluation file draws among its own tasks, redrawing
-    scenes that can pose none."""
+    tests check them against. pretrain has no tasks; the *_vg splits one grounding question on a one-object scene
+    (ONE_OBJECT_SPLITS); an evaluation file draws among its own tasks, redrawing scenes that can pose none."""
     rng = _split_rng(seed, split)
-    weights = {"sft": SFT_TASKS, "grpo": GRPO_TASKS, "pretrain": {}}.get(split)
+    single = split in ONE_OBJECT_SPLITS
+    weights = {"sft": SFT_TASKS, "grpo": GRPO_TASKS, "pretrain": {}}.get(split, {"vg": 1.0} if single else None)
     weights = {t: 1.0 for t in EVAL_TASKS[split][1]} if weights is None else weights
     while n > 0:
-        s = sample_scene(rng)
+        s = single_object_scene(rng) if single else sample_scene(rng)
         tasks = _draw_tasks(rng, s, weights, per_image) if weights else []
         if weights and not tasks:
             continue
@@ -466,8 +490,11 @@ def _human_gpt(q, a):
 
 
 def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 1000, questions_per_image: int = 2,
-                n_grpo: int = 300, n_eval: int = 100) -> dict:
-    """All splits under `out`: pretrain.json, sft.json, cot.json (sft.json's ids and questions, reasoned answers),
+                n_grpo: int = 300, n_eval: int = 100, n_pretrain_vg: int = 0, n_sft_vg: int = 0,
+                n_grpo_vg: int = 0) -> dict:
+    """All splits under `out`: pretrain.json (n_pretrain captions, then n_pretrain_vg grounding questions on
+    one-object scenes), sft.json (questions on n_sft images, then n_sft_vg one-object grounding questions), cot.json
+    (sft.json's ids and questions, reasoned answers), grpo.jsonl (n_grpo prompts, then n_grpo_vg one-object ones),
     grpo.jsonl, meta.json, images/<split>/*.png (record paths are relative to `out`), and eval/<file>.json with
     images in eval/<file>/ (RSRM layout: bare questions, grounding truth in pixels). Returns record counts."""
     for sub in ("images", "eval"):  # a rerun with other sizes must not leave stale images behind
@@ -482,20 +509,31 @@ def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 10
         save(s, img := f"images/pretrain/{i:05d}.png")
         pre.append({"id": f"pretrain_{i:05d}", "image": img,
                     "conversations": _human_gpt("Describe the image.", scene_caption(s))})
+    for i, (s, (t,)) in enumerate(split_items(seed, "pretrain_vg", n_pretrain_vg)):
+        save(s, img := f"images/pretrain_vg/{i:05d}.png")
+        pre.append({"id": f"pretrain_vg_{i:05d}", "image": img, "task": "vg",
+                    "conversations": _human_gpt(t["question"], t["answer"])})
     for i, (s, tasks) in enumerate(split_items(seed, "sft", n_sft, questions_per_image)):
         save(s, img := f"images/sft/{i:05d}.png")
         for j, t in enumerate(tasks):
             rec = {"id": f"sft_{i:05d}_{j}", "image": img, "task": t["task"]}
             sft.append({**rec, "conversations": _human_gpt(t["question"], t["answer"])})
             cot.append({**rec, "conversations": _human_gpt(t["question"], cot_answer(t))})
-    for i, (s, (t,)) in enumerate(split_items(seed, "grpo", n_grpo)):
-        save(s, img := f"images/grpo/{i:05d}.png")
-        grpo.append({"id": f"grpo_{i:05d}", "image": img, "question": t["question"], "answer": t["answer"],
-                     "answer_type": t["answer_type"], "task": t["task"]})
+    for i, (s, (t,)) in enumerate(split_items(seed, "sft_vg", n_sft_vg)):
+        save(s, img := f"images/sft_vg/{i:05d}.png")
+        rec = {"id": f"sft_vg_{i:05d}", "image": img, "task": "vg"}
+        sft.append({**rec, "conversations": _human_gpt(t["question"], t["answer"])})
+        cot.append({**rec, "conversations": _human_gpt(t["question"], cot_answer(t))})
+    for split, n in (("grpo", n_grpo), ("grpo_vg", n_grpo_vg)):
+        for i, (s, (t,)) in enumerate(split_items(seed, split, n)):
+            save(s, img := f"images/{split}/{i:05d}.png")
+            grpo.append({"id": f"{split}_{i:05d}", "image": img, "question": t["question"], "answer": t["answer"],
+                         "answer_type": t["answer_type"], "task": t["task"]})
     for name, recs in (("pretrain.json", pre), ("sft.json", sft), ("cot.json", cot)):
         _dump(os.path.join(out, name), recs)
     _dump(os.path.join(out, "grpo.jsonl"), grpo, lines=True)
-    counts = {"pretrain": len(pre), "sft": len(sft), "cot": len(cot), "grpo": len(grpo)}
+    counts = {"pretrain": len(pre) - n_pretrain_vg, "pretrain_vg": n_pretrain_vg, "sft": len(sft) - n_sft_vg,
+              "sft_vg": n_sft_vg, "cot": len(cot), "grpo": len(grpo) - n_grpo_vg, "grpo_vg": n_grpo_vg}
     for name in EVAL_TASKS:
         recs = []
         for i, (s, (t,)) in enumerate(split_items(seed, name, n_eval)):
@@ -608,7 +646,11 @@ def write_tiny(out: str, seed: int = 0, vocab_size: int = 1024, max_pixels: int 
 def add_synth_args(p):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    for flag, default, what in (("n-pretrain", 1000, "caption images"), ("n-sft", 1000, "SFT / CoT images"),
+    for flag, default, what in (("n-pretrain", 1000, "caption images"),
+                                ("n-pretrain-vg", 0, "one-object grounding questions added to pretrain.json"),
+                                ("n-sft-vg", 0, "one-object grounding questions added to sft.json and cot.json"),
+                                ("n-grpo-vg", 0, "one-object grounding prompts added to grpo.jsonl"),
+                                ("n-sft", 1000, "SFT / CoT images"),
                                 ("questions-per-image", 2, "SFT / CoT questions per image"),
                                 ("n-grpo", 300, "GRPO prompts (one image each)"),
                                 ("n-eval", 100, "records per evaluation file")):
@@ -618,7 +660,8 @@ def add_synth_args(p):
 def run_synth(a):
     """Write the synthetic remote-sensing splits (pretrain, SFT, CoT, GRPO, evaluation)."""
     t0 = time.perf_counter()
-    counts = write_synth(a.out, a.seed, a.n_pretrain, a.n_sft, a.questions_per_image, a.n_grpo, a.n_eval)
+    counts = write_synth(a.out, a.seed, a.n_pretrain, a.n_sft, a.questions_per_image, a.n_grpo, a.n_eval,
+                         a.n_pretrain_vg, a.n_sft_vg, a.n_grpo_vg)
     print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
           + f" ({time.perf_counter() - t0:.1f} s)")
 

@@ -140,7 +140,7 @@ def weak(tmp_path_factory):
     with open(root / "cot8.json", "w") as f:
         json.dump(cot, f)
     S.main(["--model", tiny, "--stage", "cot", "--data", str(root / "cot8.json"), "--image-root", syn,
-            "--out", str(root / "cot"), "--max-steps", "40", "--global-batch", "8", "--micro-batch", "8",
+            "--out", str(root / "cot"), "--max-steps", "60", "--global-batch", "8", "--micro-batch", "8",
             "--lr", "3e-3", "--weight-decay", "0", "--no-balance", "--workers", "0", "--max-len", "512", *PIXELS])
     with open(root / "rl.jsonl", "w") as f:
         for r in cot:

@@ -19,7 +19,8 @@ import rewards
 import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = dict(n_pretrain=24, n_sft=40, questions_per_image=2, n_grpo=40, n_eval=24)
+SIZES = dict(n_pretrain=24, n_sft=40, questions_per_image=2, n_grpo=40, n_eval=24, n_pretrain_vg=12, n_sft_vg=10,
+             n_grpo_vg=10)
 SEED = 3
 
 
@@ -73,7 +74,7 @@ def test_splits_share_no_image_and_no_seed(world):
     for rel, h in tree_hashes(world).items():
         if rel.endswith(".png"):
             by_split[rel.split(os.sep)[1]].add(h)  # images/<split>/..., eval/<file>/...
-    assert set(by_split) == {"pretrain", "sft", "grpo", *synth.EVAL_TASKS}
+    assert set(by_split) == {"pretrain", "sft", "grpo", *synth.ONE_OBJECT_SPLITS, *synth.EVAL_TASKS}
     splits = list(by_split.values())
     assert all(not (a & b) for i, a in enumerate(splits) for b in splits[i + 1:])
     seeds = [s * 1000 + i for s in range(5) for i in synth.SYNTH_SPLITS.values()]
@@ -120,7 +121,8 @@ def check_task(scene, task, question, answer):
     elif task == "vg":
         box = [int(v) for v in re.fullmatch(r"\[\[(\d+), (\d+), (\d+), (\d+)\]\]", answer).groups()]
         obj = next(o for o in scene.objects if synth.norm_box(scene, o.box) == box)
-        assert re.search(rf"the ((\w+) )?{obj.kind} in", question)
+        assert question.endswith(f"Locate the {obj.colour} {obj.kind} in this image.")  # colour and kind, always
+        assert sum((o.colour, o.kind) == (obj.colour, obj.kind) for o in scene.objects) == 1  # so it is the one
         assert np.allclose(box, np.array(obj.box) * 1000 / [scene.w, scene.h, scene.w, scene.h], atol=0.5)
         check_box_is_the_drawn_object(scene, obj)
     elif task == "mcq":
@@ -136,13 +138,29 @@ def test_training_records_match_the_drawn_scenes(world):
     sft_by_image = collections.defaultdict(list)
     for r in sft:
         sft_by_image[r["image"]].append(r)
-    for split, n, k in (("pretrain", SIZES["n_pretrain"], 1), ("sft", SIZES["n_sft"], 2), ("grpo", SIZES["n_grpo"], 1)):
+    assert len(pre) == SIZES["n_pretrain"] + SIZES["n_pretrain_vg"]
+    assert len(grpo) == SIZES["n_grpo"] + SIZES["n_grpo_vg"]
+    for split, n, k in (("pretrain", SIZES["n_pretrain"], 1), ("pretrain_vg", SIZES["n_pretrain_vg"], 1),
+                        ("sft", SIZES["n_sft"], 2), ("sft_vg", SIZES["n_sft_vg"], 1), ("grpo", SIZES["n_grpo"], 1),
+                        ("grpo_vg", SIZES["n_grpo_vg"], 1)):
         for i, (scene, tasks) in enumerate(synth.split_items(SEED, split, n, k)):
             img = f"images/{split}/{i:05d}.png"
             assert np.array_equal(pixels(os.path.join(world, img)), np.asarray(synth.render_scene(scene)))
             if split == "pretrain":
                 assert pre[i]["image"] == img and pre[i]["conversations"][1]["value"] == synth.scene_caption(scene)
                 assert f" {scene.cls} scene." in pre[i]["conversations"][1]["value"]
+            elif split in synth.ONE_OBJECT_SPLITS:  # after each file's own records: one question, one object
+                assert [t["task"] for t in tasks] == ["vg"] and sum(o.kind != "vehicle" for o in scene.objects) == 1
+                if split == "grpo_vg":
+                    r = grpo[SIZES["n_grpo"] + i]
+                    assert r["image"] == img and r["answer_type"] == "box"
+                    check_task(scene, "vg", r["question"], r["answer"])
+                    continue
+                r = pre[SIZES["n_pretrain"] + i] if split == "pretrain_vg" else sft[-SIZES["n_sft_vg"] + i]
+                assert r["image"] == img and r["task"] == "vg"
+                q = r["conversations"][0]["value"]
+                assert q.startswith("<image>\n")
+                check_task(scene, "vg", q[len("<image>\n"):], r["conversations"][1]["value"])
             elif split == "sft":
                 recs = sft_by_image[img]
                 assert [r["task"] for r in recs] == [t["task"] for t in tasks] and len(recs) == k
@@ -179,21 +197,21 @@ def test_grounded_objects_fill_cells_of_the_grid():
     assert grid > 400 and referred > 20  # enough of both to have checked something
 
 
-def test_captions_give_every_grid_object_its_box():
-    """Pre-training captions name each non-vehicle object with its colour and box, in the answer's format."""
-    boxed = 0
+def test_captions_place_every_grid_object():
+    """Pre-training captions name each non-vehicle object with its colour and where it lies (the 3x3 position words
+    of the multiple-choice questions), and count the vehicles; no boxes (P's boxes come from its grounding records)."""
+    placed = 0
+    words = "top left|top right|bottom left|bottom right|top|bottom|left|right|center"
     for scene, _ in synth.split_items(SEED, "pretrain", 100):
         caption = synth.scene_caption(scene)
-        found = collections.Counter((c, tuple(int(v) for v in b)) for c, *b in
-                                    re.findall(rf"\b({'|'.join(synth.COLOURS)})(?: [a-z ]+?)? at "
-                                               r"\[\[(\d+), (\d+), (\d+), (\d+)\]\]", caption))
-        want = collections.Counter((o.colour, tuple(synth.norm_box(scene, o.box))) for o in scene.objects
-                                   if o.kind != "vehicle")
-        assert found == want, caption
+        found = collections.Counter(re.findall(rf"\b({'|'.join(synth.COLOURS)})(?: [a-z]+)? at the ({words})\b",
+                                               caption))
+        want = collections.Counter((o.colour, synth._where(scene, o.box)) for o in scene.objects if o.kind != "vehicle")
+        assert found == want and "[[" not in caption, caption
         vehicles = sum(o.kind == "vehicle" for o in scene.objects)
         assert (f" {vehicles} vehicle" in caption) == (vehicles > 0), caption
-        boxed += sum(want.values())
-    assert boxed > 100
+        placed += sum(want.values())
+    assert placed > 100
 
 
 def test_vhm_tags_and_unbalanced_tasks():
@@ -299,6 +317,25 @@ def test_tiny_weights_config_and_tokenizer(tiny):
         assert ip.target_size(im.height, im.width) == (im.height, im.width)  # seen whole, not resized
     with open(os.path.join(tiny, "tokenizer_config.json")) as f:
         assert json.load(f) == data.tokenizer_config(synth.QWEN2VL_CHAT_TEMPLATE)
+
+
+def test_grounding_boxes_start_at_fixed_distances_from_the_image(tiny):
+    """The tiny model reads where an object is through rotary angles relative to the token it is writing, so the
+    world holds that distance fixed: every grounding question (SFT, evaluation, one-object) is the same number of
+    tokens, and a reasoned answer (C, R) writes the box's first digit exactly one token later than a plain answer
+    (P, S) does."""
+    tok = data.Processor.from_pretrained(tiny).tokenizer
+    q_lengths, first_digit, n = set(), collections.defaultdict(set), 0
+    for split in ("sft", "vg_synth", *synth.ONE_OBJECT_SPLITS):
+        for _, tasks in synth.split_items(0, split, 100, 2):
+            for t in (t for t in tasks if t["task"] == "vg"):
+                n += 1
+                q_lengths.add(len(tok.encode(t["question"], add_special_tokens=False).ids))
+                for kind, answer in (("plain", t["answer"]), ("reasoned", synth.cot_answer(t))):
+                    tokens = tok.encode(answer, add_special_tokens=False).tokens
+                    first_digit[kind].add(next(i for i, x in enumerate(tokens) if x.isdigit()))
+    assert n > 300 and len(q_lengths) == 1
+    assert first_digit == {"plain": {1}, "reasoned": {2}}
 
 
 def test_tiny_loads_in_transformers_with_equal_logits(tiny):
