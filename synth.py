@@ -309,7 +309,7 @@ ONE_OBJECT_SPLITS = ("pretrain_vg", "sft_vg", "grpo_vg")
 
 
 def single_object_scene(rng) -> SynthScene:
-    """A scene with one grid object (and its vehicles): P's grounding records. With one candidate, a grounding
+    """A scene with one grid object (and its vehicles), for ONE_OBJECT_SPLITS. With one candidate, a grounding
     answer depends only on where the object is, so P can learn to read positions before S asks it to pick
     one object among several; learnt from scratch among distractors, neither skill gets a signal until the
     other has one (grounding only, 300 steps: 5% Pr@0.5 on the evaluation split; one object per image: 25.5%)."""
@@ -383,11 +383,11 @@ def synth_task(rng, s: SynthScene, task: str) -> dict | None:
         if not (refs := _referable(s)):
             return None
         phrase, o = pick(refs)
-        b = norm_box(s, o.box)
+        b, box = norm_box(s, o.box), _box_text(s, o.box)
         # The reasoning opens with the box: a reasoned answer then writes its first coordinate one token later than a
         # plain answer does (after "<reasoning"), as close as it can come to where P and S learnt to write boxes.
-        t.update(type="bbox", q=f"Locate the {phrase} in this image.", answer=_box_text(s, o.box),
-                 box_px=list(o.box), reasoning=f"{_box_text(s, o.box)} holds the {phrase}: at the {_where(s, o.box)} "
+        t.update(type="bbox", q=f"Locate the {phrase} in this image.", answer=box,
+                 box_px=list(o.box), reasoning=f"{box} holds the {phrase}: at the {_where(s, o.box)} "
                  f"of the image, x from {b[0]} to {b[2]} and y from {b[1]} to {b[3]} in 0-1000 coordinates.")
     elif task == "mcq":
         single, top = [k for k in present if c[k] == 1], [k for k in present if c[k] == max(c.values())]
@@ -495,7 +495,7 @@ def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 10
     """All splits under `out`: pretrain.json (n_pretrain captions, then n_pretrain_vg grounding questions on
     one-object scenes), sft.json (questions on n_sft images, then n_sft_vg one-object grounding questions), cot.json
     (sft.json's ids and questions, reasoned answers), grpo.jsonl (n_grpo prompts, then n_grpo_vg one-object ones),
-    grpo.jsonl, meta.json, images/<split>/*.png (record paths are relative to `out`), and eval/<file>.json with
+    meta.json, images/<split>/*.png (record paths are relative to `out`), and eval/<file>.json with
     images in eval/<file>/ (RSRM layout: bare questions, grounding truth in pixels). Returns record counts."""
     for sub in ("images", "eval"):  # a rerun with other sizes must not leave stale images behind
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
@@ -646,14 +646,13 @@ def write_tiny(out: str, seed: int = 0, vocab_size: int = 1024, max_pixels: int 
 def add_synth_args(p):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    for flag, default, what in (("n-pretrain", 1000, "caption images"),
-                                ("n-pretrain-vg", 0, "one-object grounding questions added to pretrain.json"),
-                                ("n-sft-vg", 0, "one-object grounding questions added to sft.json and cot.json"),
-                                ("n-grpo-vg", 0, "one-object grounding prompts added to grpo.jsonl"),
-                                ("n-sft", 1000, "SFT / CoT images"),
+    for flag, default, what in (("n-pretrain", 1000, "caption images"), ("n-sft", 1000, "SFT / CoT images"),
                                 ("questions-per-image", 2, "SFT / CoT questions per image"),
                                 ("n-grpo", 300, "GRPO prompts (one image each)"),
-                                ("n-eval", 100, "records per evaluation file")):
+                                ("n-eval", 100, "records per evaluation file"),
+                                ("n-pretrain-vg", 0, "one-object grounding questions added to pretrain.json"),
+                                ("n-sft-vg", 0, "one-object grounding questions added to sft.json and cot.json"),
+                                ("n-grpo-vg", 0, "one-object grounding prompts added to grpo.jsonl")):
         p.add_argument("--" + flag, type=int, default=default, help=f"{what} (default {default})")
 
 
