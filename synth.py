@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -485,6 +486,26 @@ def _dump(path, obj, lines=False):
             json.dump(obj, f, ensure_ascii=False, indent=1)
 
 
+def _render_to(job):
+    s, path = job
+    render_scene(s).save(path, format="PNG", compress_level=1)  # fast; PNG carries no timestamp: same bytes
+
+
+def _render_all(jobs):
+    """Draw and save every (scene, path), in one process per core: the scene alone fixes the pixels, so the bytes
+    do not depend on the number of processes."""
+    for d in sorted({os.path.dirname(p) for _, p in jobs}):
+        os.makedirs(d, exist_ok=True)
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    if workers < 2 or len(jobs) < 256:
+        for job in jobs:
+            _render_to(job)
+        return
+    with ProcessPoolExecutor(workers) as ex:
+        for _ in ex.map(_render_to, jobs, chunksize=64):
+            pass
+
+
 def _human_gpt(q, a):
     return [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]
 
@@ -499,10 +520,12 @@ def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 10
     images in eval/<file>/ (RSRM layout: bare questions, grounding truth in pixels). Returns record counts."""
     for sub in ("images", "eval"):  # a rerun with other sizes must not leave stale images behind
         shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+
+    jobs = []  # (scene, path): drawn after the records, on every core (drawing and PNG encoding are the time)
 
     def save(s, rel):
-        os.makedirs(os.path.dirname(p := os.path.join(out, rel)), exist_ok=True)
-        render_scene(s).save(p, format="PNG", compress_level=1)  # fast; PNG carries no timestamp: same bytes
+        jobs.append((s, os.path.join(out, rel)))
 
     pre, sft, cot, grpo = [], [], [], []
     for i, (s, _) in enumerate(split_items(seed, "pretrain", n_pretrain)):
@@ -543,6 +566,7 @@ def write_synth(out: str, seed: int = 0, n_pretrain: int = 1000, n_sft: int = 10
                          "type": [t.get("mcq_type", t["task"])]})
         _dump(os.path.join(out, "eval", name + ".json"), recs)
         counts[name] = len(recs)
+    _render_all(jobs)
     _dump(os.path.join(out, "meta.json"), {"seed": seed, "classes": list(SCENE_CLASSES), "records": counts,
                                            "eval_task_types": {n: v[0] for n, v in EVAL_TASKS.items()},
                                            "sft_tasks": {k: sum(r["task"] == k for r in sft) for k in SFT_TASKS}})
