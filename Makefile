@@ -12,15 +12,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The test extra (pytest, and transformers as the oracle) only for the tests: the demo does not import it (~20 s).
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-dev
 
-demo: setup
+demo: $(VENV)/.installed
 	$(PY) demo.py --out $(OUT)
 
-test: setup
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
 
 clean:
