@@ -496,14 +496,13 @@ def _render_all(jobs):
     do not depend on the number of processes."""
     for d in sorted({os.path.dirname(p) for _, p in jobs}):
         os.makedirs(d, exist_ok=True)
-    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
-    if workers < 2 or len(jobs) < 256:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < 2 or len(jobs) < 256:  # a few hundred images take less than starting the pool
         for job in jobs:
             _render_to(job)
         return
-    with ProcessPoolExecutor(workers) as ex:
-        for _ in ex.map(_render_to, jobs, chunksize=64):
-            pass
+    with ProcessPoolExecutor(min(cores, 8)) as ex:
+        list(ex.map(_render_to, jobs, chunksize=64))
 
 
 def _human_gpt(q, a):
