@@ -191,6 +191,50 @@ def span_attention(q, k, v, spans, causal: bool):
     return out
 
 
+def causal_attention(q, k, v, spans=None):
+    """Causal attention of q [B, H, T, hd] over k, v [B, KVH, T, hd]: within each row (spans None) or within each
+    (row, start, end) of `spans` (see attention_spans)."""
+    B, H, T, hd = q.shape
+    if spans is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != H)
+    flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], hd) for t in (q, k, v)]
+    out = span_attention(*flat, [(b * T + s, b * T + e) for b, s, e in spans], causal=True)
+    return out.view(B, T, H, hd).transpose(1, 2)
+
+
+class SharedPrompts:
+    """How attention runs over one stream that holds B left-padded prompts of P tokens once, then G completions of
+    L tokens for each prompt ([1, B*P + B*G*L] tokens, prompt b's completions at rows b*G .. b*G+G-1). A prompt
+    attends causally within itself; a completion attends to its prompt's tokens (padding hidden) and causally to
+    its own. Every token's output is then what a row [prompt | completion] would give it, but each prompt runs
+    through the decoder once instead of G times (GRPO's update). Its keys and values carry gradients to all G.
+
+    A plain class, not a dataclass, for the reason KVCache gives."""
+
+    def __init__(self, prompt_mask, group: int, length: int):
+        B, P = prompt_mask.shape
+        self.B, self.P, self.G, self.L = B, P, group, length
+        self.prompt_spans = attention_spans(prompt_mask)
+        valid = prompt_mask.bool().repeat_interleave(group, 0)[:, None, None, :].expand(-1, 1, length, -1)
+        causal = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril()
+        self.mask = torch.cat([valid, causal.expand(B * group, 1, -1, -1)], -1)  # [B*G, 1, L, P + L]
+
+    def attend(self, q, k, v):
+        """q [1, H, N, hd], k and v [1, KVH, N, hd] over the stream -> [1, H, N, hd]."""
+        B, P, G, L, n = self.B, self.P, self.G, self.L, self.B * self.P
+
+        def split(t):  # -> prompts [B, h, P, hd], completions [B*G, h, L, hd]
+            h, hd = t.shape[1], t.shape[3]
+            return (t[0, :, :n].view(h, B, P, hd).transpose(0, 1), t[0, :, n:].view(h, B * G, L, hd).transpose(0, 1))
+        (qp, qc), (kp, kc), (vp, vc) = split(q), split(k), split(v)
+        op = causal_attention(qp, kp, vp, self.prompt_spans)
+        oc = F.scaled_dot_product_attention(qc, torch.cat([kp.repeat_interleave(G, 0), kc], 2),
+                                            torch.cat([vp.repeat_interleave(G, 0), vc], 2), attn_mask=self.mask,
+                                            enable_gqa=k.shape[1] != q.shape[1])
+        H, hd = q.shape[1], q.shape[3]
+        return torch.cat([op.transpose(0, 1).reshape(H, n, hd), oc.transpose(0, 1).reshape(H, -1, hd)], 1)[None]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Vision tower
 
@@ -338,7 +382,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, spans=None, cache: KVCache | None = None, layer: int = 0, decode: bool = False):
         """Causal self-attention over x: within each row (spans None), or within each (row, start, end) of `spans`
-        (packed samples, left padding: see attention_spans). With `cache`, the prefill (decode False: x is the
+        (packed samples, left padding: see attention_spans), or prompts shared by their completions (spans a
+        SharedPrompts). With `cache`, the prefill (decode False: x is the
         prompt, its keys and values are stored) or a decode step (decode True: new tokens against the cache)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.hd).transpose(1, 2)
@@ -351,12 +396,7 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 cache.prefix.append((k, v))
-            if spans is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-            else:
-                flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], self.hd) for t in (q, k, v)]
-                out = span_attention(*flat, [(b * T + s, b * T + e) for b, s, e in spans], causal=True)
-                out = out.view(B, T, self.heads, self.hd).transpose(1, 2)
+            out = spans.attend(q, k, v) if isinstance(spans, SharedPrompts) else causal_attention(q, k, v, spans)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _decode(self, q, k, v, cache: KVCache, layer):
@@ -533,12 +573,9 @@ class Qwen2VL(nn.Module):
         self.visual.grad_ckpt = on
 
     # -- embedding of text and images ------------------------------------------------------------------------
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_groups=1, sync_vision=False):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, sync_vision=False):
         """Token embeddings with each image's merged features at its <|image_pad|> tokens.
 
-        image_groups=G: rows come in groups of G that share their images (G completions of one prompt);
-        image_grid_thw lists every row's images, pixel_values only the first row's of each group, and the
-        vision tower encodes each group's images once.
         sync_vision: without images, run the vision tower anyway, on a blank image of one merged token whose
         features are added with weight 0. Under FSDP every rank must run (and back-propagate through) the same
         units: a text-only batch on one rank while another has images would otherwise stall the collectives."""
@@ -563,21 +600,11 @@ class Qwen2VL(nn.Module):
         if n_tokens != expected:
             raise ValueError(f"input_ids hold {n_tokens} image tokens but the {len(grids)} image(s) of "
                              f"image_grid_thw need {expected}: expand each <|image_pad|> with the processor")
-        if image_groups > 1:
-            # images per row = runs of image tokens; keep the grids of each group's first row
-            starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
-            per_row = starts.sum(-1).tolist()
-            firsts = torch.cat([g for r, g in enumerate(grids.split(per_row)) if r % image_groups == 0])
-        else:
-            firsts = grids
-        n_patches = int(firsts.prod(-1).sum())
+        n_patches = int(grids.prod(-1).sum())
         if pixel_values.shape[0] != n_patches:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw describes "
                              f"{n_patches}")
-        feats = self.visual(pixel_values.to(self.device), firsts).to(x.dtype)
-        if image_groups > 1:
-            per_group = is_img[::image_groups].sum(-1).tolist()
-            feats = torch.cat([f for f in feats.split(per_group) for _ in range(image_groups)])
+        feats = self.visual(pixel_values.to(self.device), grids).to(x.dtype)
         x = x.clone()
         x[is_img] = feats
         return x
@@ -592,22 +619,53 @@ class Qwen2VL(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None,
-                return_hidden=False, targets=None, chunk_size=1024, image_groups=1, sync_vision=False):
+                return_hidden=False, targets=None, chunk_size=1024, sync_vision=False, completions=None,
+                temperature=1.0):
         """Logits [B, T, V]; or the final hidden states [B, T, D] with return_hidden=True; or, given `targets`
         [B, T] (the token wanted at each position, -100 where none), the log-probabilities [B, T] of those
-        tokens (0 where -100), computed in chunks so that [tokens x vocab] logits never exist for the batch.
+        tokens (0 where -100) under softmax(logits / temperature), computed in chunks so that [tokens x vocab]
+        logits never exist for the batch.
 
         attention_mask: [B, T], 0 on padding; values > 1 mark packed samples (tokens attend within their id).
-        image_groups, sync_vision: see `embed` (G rows sharing one prompt's images run the vision tower once;
-        the tower runs even without images)."""
-        x = self.embed(input_ids, pixel_values, image_grid_thw, image_groups, sync_vision)
+        sync_vision: see `embed` (the vision tower runs even without images).
+        completions [B*G, L]: G continuations of each (left-padded) prompt, rows b*G .. b*G+G-1 continuing prompt
+        b; `targets` [B*G, L] then names the completion tokens to score (-100 elsewhere) and the result is their
+        log-probabilities [B*G, L], as from rows [prompt | completion], with each prompt run once (SharedPrompts).
+        This is a mode of forward, not a method of its own, so FSDP gathers the weights as for any forward."""
+        if completions is not None:
+            return self._completion_logprobs(input_ids, attention_mask, pixel_values, image_grid_thw, completions,
+                                             targets, chunk_size, temperature)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, sync_vision)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
         x = self.model.norm(self.run_decoder(x, cos, sin, attention_spans(attention_mask)))
         if targets is not None:  # inside forward, so a sharded lm_head is gathered like every other weight
-            return token_logprobs(x, self.lm_head.weight, targets, chunk_size)
+            return token_logprobs(x, self.lm_head.weight, targets, chunk_size, temperature)
         return x if return_hidden else self.lm_head(x)
+
+    def _completion_logprobs(self, input_ids, attention_mask, pixel_values, image_grid_thw, completions, targets,
+                             chunk_size, temperature):
+        B, P = input_ids.shape
+        G, L = completions.shape[0] // B, completions.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if B * G != completions.shape[0] or targets is None or targets.shape != completions.shape:
+            raise ValueError(f"completions {tuple(completions.shape)} must hold G rows per prompt ({B} prompts) and "
+                             f"targets the same shape")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("completions continue left-padded prompts: a prompt ends with padding")
+        pos, next_pos = self.positions(input_ids, attention_mask, image_grid_thw)
+        # completion tokens are text: all three M-RoPE axes continue from the prompt's next free position
+        cpos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=next_pos.device)).reshape(1, 1, -1)
+        position_ids = torch.cat([pos.reshape(3, 1, B * P), cpos.expand(3, 1, -1)], -1)
+        x = torch.cat([self.embed(input_ids, pixel_values, image_grid_thw).reshape(1, B * P, -1),
+                       self.model.embed_tokens(completions).to(self.dtype).reshape(1, B * G * L, -1)], 1)
+        cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
+        h = self.model.norm(self.run_decoder(x, cos, sin, SharedPrompts(attention_mask, G, L)))[0]
+        first = h[:B * P].view(B, P, -1)[:, -1].repeat_interleave(G, 0)  # the prompt's last token predicts token 0
+        h = torch.cat([first[:, None], h[B * P:].view(B * G, L, -1)[:, :-1]], 1)
+        return token_logprobs(h, self.lm_head.weight, targets, chunk_size, temperature)
 
     def run_decoder(self, x, cos, sin, spans=None, cache: KVCache | None = None, decode: bool = False):
         """The decoder stack, before the final norm: a forward (activation-checkpointed when on and training), the
@@ -742,12 +800,12 @@ def init_weights(model, seed: int = 0, std: float = 0.02):
     return model
 
 
-def _chunk_logprobs(h, weight, tgt):
-    return torch.log_softmax(linear(h, weight).float(), dim=-1).gather(-1, tgt[:, None])[:, 0]
+def _chunk_logprobs(h, weight, tgt, temperature):
+    return torch.log_softmax(linear(h, weight).float() / temperature, dim=-1).gather(-1, tgt[:, None])[:, 0]
 
 
-def token_logprobs(hidden, weight, targets, chunk_size=1024):
-    """log softmax(hidden @ weight.T)[target] at the positions where target != -100, in chunks of rows.
+def token_logprobs(hidden, weight, targets, chunk_size=1024, temperature=1.0):
+    """log softmax(hidden @ weight.T / temperature)[target] at the positions where target != -100, in chunks of rows.
 
     Each chunk is checkpointed: its [chunk x vocab] logits are dropped after use and recomputed in backward,
     so memory holds one chunk's logits at a time (151936 columns make them the largest tensor of a step)."""
@@ -756,7 +814,7 @@ def token_logprobs(hidden, weight, targets, chunk_size=1024):
     h, tgt = hidden[where], targets[where]
     parts = []
     for i in range(0, h.shape[0], chunk_size):
-        args = (h[i:i + chunk_size], weight, tgt[i:i + chunk_size])
+        args = (h[i:i + chunk_size], weight, tgt[i:i + chunk_size], temperature)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             parts.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:

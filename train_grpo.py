@@ -162,20 +162,26 @@ def rollout(model, batch, group, max_len, temperature, seeds, eos, device):
     return tokens
 
 
-def completion_logprobs(model, batch, tokens, cmask, group, chunk, device):
-    """log pi(token) of each completion token under `model`: one forward over prompt + completion rows, the
-    prompt's image encoded once per group, log-probs only at completion positions (chunked)."""
-    ids = torch.cat([batch["input_ids"].to(device).repeat_interleave(group, 0), tokens], 1)
-    amask = torch.cat([batch["attention_mask"].to(device).repeat_interleave(group, 0), cmask.long()], 1)
-    P = batch["input_ids"].shape[1]
-    targets = torch.full_like(ids, -100)
-    targets[:, P - 1:-1] = tokens.masked_fill(cmask == 0, -100)
-    thw = batch["image_grid_thw"]
+def completion_logprobs(model, batch, tokens, cmask, temperature, chunk, device):
+    """log pi_T(token) = log softmax(logits / T)[token] of each completion token under `model`, 0 after its EOS.
+    Each prompt (image included) runs through the decoder once and its G completions attend to it
+    (model.SharedPrompts): half the tokens of rows [prompt | completion] in the demo's update."""
     pv = batch["pixel_values"]
-    lp = model(ids, amask, pv.to(device) if pv is not None else None,
-               thw.repeat_interleave(group, 0) if thw is not None else None, targets=targets, chunk_size=chunk,
-               image_groups=group)
-    return lp[:, P - 1:-1]
+    return model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                 pv.to(device) if pv is not None else None, batch["image_grid_thw"], completions=tokens,
+                 targets=tokens.masked_fill(cmask == 0, -100), chunk_size=chunk, temperature=temperature)
+
+
+def logprob_temperature(args) -> float:
+    """The T of the update's log pi_T: --logprob-temperature, by default the sampling temperature (greedy: 1).
+
+    pi_T is the distribution the rollout sampled from, so log pi_T gives the on-policy gradient; at T = 1, the
+    public recipe's setting, the two choices agree. Scoring samples drawn at T < 1 under pi_1 instead adds a
+    pull toward whatever was sampled (the expected gradient of log pi_1 under pi_T is not zero): it sharpens the
+    policy even where every reward ties."""
+    if args.logprob_temperature is not None:
+        return args.logprob_temperature
+    return args.temperature if args.temperature > 0 else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,16 +203,33 @@ def score(records, completions, group, names, judge, mode, spatial):
     return total, per, weight
 
 
-def sub_batch(batch, start, n):
-    """Prompts start..start+n of an encoded batch (rows, their images' patches and grids)."""
+def sub_batch(batch, rows: list[int]):
+    """The prompts `rows` of an encoded batch (their ids, masks, images' patches and grids)."""
     thw = batch["image_grid_thw"]
-    out = {"input_ids": batch["input_ids"][start:start + n], "attention_mask": batch["attention_mask"][start:start + n],
+    out = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
            "pixel_values": None, "image_grid_thw": None}
     if thw is not None:  # one image per prompt
-        patches = thw.prod(-1)
-        lo, hi = int(patches[:start].sum()), int(patches[:start + n].sum())
-        out["pixel_values"], out["image_grid_thw"] = batch["pixel_values"][lo:hi], thw[start:start + n]
+        ends = thw.prod(-1).cumsum(0).tolist()
+        out["pixel_values"] = torch.cat([batch["pixel_values"][(ends[r - 1] if r else 0):ends[r]] for r in rows])
+        out["image_grid_thw"] = thw[rows]
     return out
+
+
+def update_groups(d, adv, group: int, micro: int, skip_ties: bool) -> list[list[int]]:
+    """The prompts each update forward takes, `micro` at a time.
+
+    skip_ties: a group whose advantages are all 0 (equal rewards) adds exactly nothing to the loss or gradient
+    when there is no KL term, so its forward is skipped. FSDP needs the same number of forwards on every rank: a
+    rank with fewer useful groups fills up with tied ones, and every rank runs at least one forward, so that the
+    optimizer always sees (zero) gradients rather than none."""
+    n = len(adv) // group
+    order = list(range(n))
+    n_micro = math.ceil(n / micro)
+    if skip_ties:
+        useful = adv.view(n, group).ne(0).any(-1).tolist()
+        order = [b for b in order if useful[b]] + [b for b in order if not useful[b]]
+        n_micro = max(1, int(DI.reduce_dict(d, {"m": math.ceil(sum(useful) / micro)}, "max")["m"]))
+    return [order[i * micro:(i + 1) * micro] for i in range(n_micro)]
 
 
 def update(args, d, model, ref, optimizer, trainable, batch, tokens, cmask, adv, schedule) -> dict:
@@ -215,11 +238,12 @@ def update(args, d, model, ref, optimizer, trainable, batch, tokens, cmask, adv,
     warmup steps, last checkpoint). Returns token-weighted sums of the objective's statistics over this rank."""
     step, total, warmup, last_ckpt = schedule
     G = args.num_generations
-    micro = [(sub_batch(batch, b0, args.micro_prompts), slice(b0 * G, (b0 + args.micro_prompts) * G))
-             for b0 in range(0, len(batch["input_ids"]), args.micro_prompts)]
+    micro = [(sub_batch(batch, rows), [b * G + g for b in rows for g in range(G)])
+             for rows in update_groups(d, adv, G, args.micro_prompts, ref is None)]
 
     def logprobs(m, mb, sl):
-        return completion_logprobs(m, mb, tokens[sl], cmask[sl], G, args.ce_chunk, d.device)
+        return completion_logprobs(m, mb, tokens[sl], cmask[sl], logprob_temperature(args), args.ce_chunk,
+                                   d.device)
     with torch.no_grad():
         ref_lp = [logprobs(ref, mb, sl) for mb, sl in micro] if ref is not None else None
         old_lp = [logprobs(model, mb, sl) for mb, sl in micro] if args.iterations > 1 else None
@@ -353,7 +377,10 @@ def parse_args(argv=None):
     a("--num-generations", type=int, default=4, help="G completions per prompt (paper: 4)")
     a("--micro-prompts", type=int, default=1, help="prompts (x G completions) per forward in the update")
     a("--max-completion-len", type=int, default=1024, help="new tokens per completion (paper: up to 8192)")
-    a("--temperature", type=float, default=1.0)
+    a("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (0: greedy)")
+    a("--logprob-temperature", type=float, default=None,
+      help="T of the update's log-probabilities log softmax(logits / T); default --temperature (the on-policy "
+           "gradient). 1 with --temperature below 1 also sharpens the policy toward its own samples")
     a("--beta", type=float, default=0.001, help="KL weight (paper: 0.001); 0 skips the reference model")
     a("--epsilon", type=float, default=0.2, help="clip range of the ratio")
     a("--iterations", type=int, default=1, help="updates per rollout batch (mu); 1: the paper's on-policy form")

@@ -282,6 +282,48 @@ def test_several_iterations_start_from_a_ratio_of_exactly_one(weak, tmp_path, mo
             assert max(second) > 1e-4
 
 
+def test_tied_groups_are_skipped_without_changing_the_gradient(weak, tmp_path, monkeypatch):
+    """At beta 0 a group whose rewards tie adds nothing: the update skips its forward, and the gradient it hands
+    the optimizer equals the one of the update that runs every group (temperature 0.7, one prompt a forward)."""
+    proc, recs, batch = weak_batch(weak)
+    model = CK.load(weak["model"])
+    args = G.parse_args(["--model", weak["model"], "--data", weak["data"], "--out", str(tmp_path), "--beta", "0",
+                         "--micro-prompts", "1", "--temperature", "0.7"])
+    tokens = G.rollout(model, batch, 4, 24, 0.7, [1, 2, 3, 4], model.default_eos(), torch.device("cpu"))
+    cmask, _ = G.completion_mask(tokens, model.default_eos())
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0, 0, 0, 0, 0.3, 0.2, -0.4, -0.1, 0, 0, 0, 0])
+    grads, calls = [], []
+    monkeypatch.setattr(G.TR, "apply_update",
+                        lambda *a, **k: grads.append([p.grad.clone() for p in model.parameters()]))
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    every = G.update_groups
+    d = DI.setup_distributed("cpu")
+    try:
+        G.update(args, d, model, None, None, list(model.parameters()), batch, tokens, cmask, adv, (0, 1, 0, None))
+        model.zero_grad(set_to_none=True)
+        monkeypatch.setattr(G, "update_groups", lambda d, adv, g, m, skip: every(d, adv, g, m, False))
+        G.update(args, d, model, None, None, list(model.parameters()), batch, tokens, cmask, adv, (0, 1, 0, None))
+    finally:
+        hook.remove()
+        DI.teardown_distributed()
+    assert len(calls) == 2 + 4
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) <= 1e-6 * max(float(g.abs().max()) for g in grads[1])
+    assert max(float(g.abs().max()) for g in grads[0]) > 0
+
+
+def test_every_rank_runs_as_many_update_forwards(monkeypatch):
+    """FSDP's collectives need the same number of forwards on every rank: a rank with fewer useful groups than
+    another fills up with tied ones, and a rank runs one forward even when every group ties."""
+    adv = torch.tensor([0.5, -0.5, 0, 0, 0.1, -0.1, 0, 0])  # G 2: groups 0 and 2 useful, 1 and 3 tied
+    d = DI.Dist(0, 1, 0, torch.device("cpu"))
+    monkeypatch.setattr(G.DI, "reduce_dict", lambda d, v, op="sum": {k: x for k, x in v.items()})
+    assert G.update_groups(d, adv, 2, 1, True) == [[0], [2]]
+    assert G.update_groups(d, adv, 2, 1, False) == [[0], [1], [2], [3]]
+    assert G.update_groups(d, torch.zeros(8), 2, 3, True) == [[0, 1, 2]]
+    monkeypatch.setattr(G.DI, "reduce_dict", lambda d, v, op="sum": {"m": 3})  # another rank needs 3
+    assert G.update_groups(d, adv, 2, 1, True) == [[0], [2], [1]]
+
+
 def test_bad_records_name_the_file_and_record(tmp_path):
     p = tmp_path / "rl.jsonl"
     p.write_text('{"image": "a.png", "question": "q?", "answer": "yes"}\n{"image": "b.png", "answer": "no"}\n')

@@ -283,13 +283,49 @@ def test_num_samples_encode_once_and_match_teacher_forcing(pair):
         logits = ours(full, fmask, pv_rep, thw_rep)[:, ids.shape[1] - 1:-1]
     want = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
     assert (lp - want).abs().max() < 1e-4
-    # the same forward with each prompt's image encoded once for its 3 rows
+
+
+def test_shared_prompt_logprobs_equal_full_rows_with_their_gradients(pair):
+    """GRPO's update scores G completions per prompt with each prompt run once (SharedPrompts): the log-probs
+    and every parameter's gradient equal those of rows [prompt | completion], left padding, completions cut at
+    different lengths and a temperature included; the vision tower runs once on the prompts' own patches."""
+    ours, _ = pair
+    cfg = ours.config
+    pv, thw = oracle_images([(84, 84), (56, 112)])
+    n = (thw.prod(-1) // 4).tolist()
+    ids, mask = left_pad([build_ids(cfg, ["user\n", n[0], "What is in this aerial scene?"]),
+                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    G, L, T = 3, 7, 0.7
+    comp = torch.randint(10, 200, (2 * G, L), generator=torch.Generator().manual_seed(0))
+    keep = torch.tensor([L, 4, 1, L, 6, 2])  # tokens scored per completion (the rest: after its EOS)
+    cmask = (torch.arange(L) < keep[:, None]).long()
+    targets = comp.masked_fill(cmask == 0, -100)
+    w = torch.randn(2 * G, L, generator=torch.Generator().manual_seed(1))  # any loss of the log-probs
+
+    P = ids.shape[1]
+    full = torch.cat([ids.repeat_interleave(G, 0), comp], 1)
+    fmask = torch.cat([mask.repeat_interleave(G, 0), cmask], 1)
+    ftargets = torch.full_like(full, -100)
+    ftargets[:, P - 1:-1] = targets
+    pv_rep = torch.cat([pv[:int(thw[0].prod())]] * G + [pv[int(thw[0].prod()):]] * G)
+    want = ours(full, fmask, pv_rep, thw.repeat_interleave(G, 0), targets=ftargets, temperature=T)[:, P - 1:-1]
+    g_want = torch.autograd.grad((want * w).sum(), list(ours.parameters()))
+
     seen = []
     h = ours.visual.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        got = ours(ids, mask, pv, thw, completions=comp, targets=targets, temperature=T)
+    finally:
+        h.remove()
+    g_got = torch.autograd.grad((got * w).sum(), list(ours.parameters()))
+    assert seen == [pv.shape[0]]
+    assert (got - want).abs().max() < 1e-5 and (got[cmask == 0] == 0).all() and (got[cmask == 1] < 0).all()
+    assert max(rel_err(a, b) for a, b in zip(g_got, g_want)) < 1e-4
+    # the temperature divides the logits: log softmax(logits / T) of a plain forward
     with torch.no_grad():
-        grouped = ours(full, fmask, pv, thw_rep, image_groups=3)[:, ids.shape[1] - 1:-1]
-    h.remove()
-    assert seen == [pv.shape[0]] and rel_err(grouped, logits) < 1e-6
+        logits = ours(full, fmask, pv_rep, thw.repeat_interleave(G, 0))[:, P - 1:-1]
+    plain = torch.log_softmax(logits / T, -1).gather(-1, comp[..., None])[..., 0] * cmask
+    assert (got.detach() - plain).abs().max() < 1e-4
 
 
 def test_top_k_and_top_p_restrict_the_support():
