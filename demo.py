@@ -37,7 +37,7 @@ SFT_COMMON = {**PIXELS, "global_batch": 16, "micro_batch": 8, "max_len": 512, "w
               "warmup_ratio": 0.05, "weight_decay": 0.0, "pack": True, "bf16": True}
 
 # Flags of each tool, by stage (snake_case -> --kebab-case; True -> a bare flag); both runs of a stage (S alone and
-# after P; R after P+S and after P+S+C) share them. On 2 CPU cores the six runs and seven evaluations take ~19 min.
+# after P; R after P+S and after P+S+C) share them. On 2 CPU cores the six runs and seven evaluations take ~17-18 min.
 # The vision tower starts from random weights, so it trains at the LLM's lr (the paper's 2e-6 is for a trained
 # one); a tiny model wants a far higher lr than the paper's 1e-5.
 FULL = {
@@ -64,7 +64,7 @@ FULL = {
     # ~1e-5 here (KL <= 0.016 over 30 steps) and the reference model's forward took 1/7 of each step (138 -> 118 s).
     # Log-probabilities at T 1, not the sampling 0.7 (train_grpo.logprob_temperature): the pull toward its own
     # samples kept P+S+C's classification at 97.0% over 120 steps where the on-policy gradient let it fall to 85.0%
-    # (one run each; grounding 30.0% both). One update forward per rank and step (micro_prompts 8): 1.45 s against 1.58 s.
+    # (one run each; grounding 30.0% both). One update forward per rank and step (micro_prompts 8): 1.45 s, not 1.58.
     "grpo": {**PIXELS, "max_steps": 30, "prompts_per_step": 16, "num_generations": 4, "micro_prompts": 8,
              "max_completion_len": 96, "lr": 1e-4, "beta": 0.0, "rewards": "format,accuracy,positional",
              "temperature": 0.7, "logprob_temperature": 1.0, "bf16": True},

@@ -47,6 +47,15 @@ def left_pad(rows, pad):
     return ids, mask
 
 
+def two_image_prompts(cfg, sizes, opener="user\n"):
+    """Two left-padded prompts of different lengths, each with one image: pixel values, grids, ids, mask."""
+    pv, thw = oracle_images(sizes)
+    n = (thw.prod(-1) // 4).tolist()
+    ids, mask = left_pad([build_ids(cfg, [opener, n[0], "What is in this aerial scene?"]),
+                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    return pv, thw, ids, mask
+
+
 def hf_logits(hf, ids, mask=None, pv=None, thw=None):
     mm = (ids == hf.config.image_token_id).int()
     with torch.no_grad():
@@ -185,10 +194,7 @@ def test_greedy_generation_equals_transformers(pair, onednn, monkeypatch):
     monkeypatch.setattr(M, "ONEDNN_CPU_LINEAR", onednn)
     ours, hf = pair
     cfg = ours.config
-    pv, thw = oracle_images([(84, 112), (56, 56)])
-    n = (thw.prod(-1) // 4).tolist()
-    ids, mask = left_pad([build_ids(cfg, ["<|im_start|>user\n", n[0], "What is in this aerial scene?"]),
-                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    pv, thw, ids, mask = two_image_prompts(cfg, [(84, 112), (56, 56)], "<|im_start|>user\n")
     mm = (ids == cfg.image_token_id).int()
     with torch.no_grad():
         want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, image_grid_thw=thw,
@@ -255,10 +261,7 @@ def test_num_samples_encode_once_and_match_teacher_forcing(pair):
     generator, and the returned log-probs equal a teacher-forced forward pass over prompt + completion."""
     ours, _ = pair
     cfg = ours.config
-    pv, thw = oracle_images([(84, 84), (56, 112)])
-    n = (thw.prod(-1) // 4).tolist()
-    ids, mask = left_pad([build_ids(cfg, ["user\n", n[0], "What is in this aerial scene?"]),
-                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    pv, thw, ids, mask = two_image_prompts(cfg, [(84, 84), (56, 112)])
     calls = []
     h = ours.visual.register_forward_hook(lambda *a: calls.append(1))
     try:
@@ -291,10 +294,7 @@ def test_shared_prompt_logprobs_equal_full_rows_with_their_gradients(pair):
     different lengths and a temperature included; the vision tower runs once on the prompts' own patches."""
     ours, _ = pair
     cfg = ours.config
-    pv, thw = oracle_images([(84, 84), (56, 112)])
-    n = (thw.prod(-1) // 4).tolist()
-    ids, mask = left_pad([build_ids(cfg, ["user\n", n[0], "What is in this aerial scene?"]),
-                          build_ids(cfg, [n[1], "ships"])], cfg.pad_token_id)
+    pv, thw, ids, mask = two_image_prompts(cfg, [(84, 84), (56, 112)])
     G, L, T = 3, 7, 0.7
     comp = torch.randint(10, 200, (2 * G, L), generator=torch.Generator().manual_seed(0))
     keep = torch.tensor([L, 4, 1, L, 6, 2])  # tokens scored per completion (the rest: after its EOS)
