@@ -62,8 +62,8 @@ FULL = {
     # read a trend. Temperature 0.7: at 1.0 the tiny model's samples are mostly wrong (box reward 0.05 against
     # 0.19, closed answers 0.41 against 0.53, on the same model). beta 0, not the paper's 0.001: the penalty is
     # ~1e-5 here (KL <= 0.016 over 30 steps) and the reference model's forward took 1/7 of each step (138 -> 118 s).
-    # Log-probabilities at T 1, not the sampling 0.7 (train_grpo.logprob_temperature): the pull toward its own
-    # samples kept P+S+C's classification at 97.0% over 120 steps where the on-policy gradient let it fall to 85.0%
+    # Log-probabilities at T 1, not the sampling 0.7 (train_grpo.logprob_temperature): that off-policy gradient
+    # kept P+S+C's classification at 97.0% over 120 steps where the on-policy one let it fall to 85.0%
     # (one run each; grounding 30.0% both). One update forward per rank and step (micro_prompts 8): 1.45 s, not 1.58.
     "grpo": {**PIXELS, "max_steps": 30, "prompts_per_step": 16, "num_generations": 4, "micro_prompts": 8,
              "max_completion_len": 96, "lr": 1e-4, "beta": 0.0, "rewards": "format,accuracy,positional",

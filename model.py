@@ -228,10 +228,13 @@ class SharedPrompts:
             return (t[0, :, :n].view(h, B, P, hd).transpose(0, 1), t[0, :, n:].view(h, B * G, L, hd).transpose(0, 1))
         (qp, qc), (kp, kc), (vp, vc) = split(q), split(k), split(v)
         op = causal_attention(qp, kp, vp, self.prompt_spans)
-        oc = F.scaled_dot_product_attention(qc, torch.cat([kp.repeat_interleave(G, 0), kc], 2),
-                                            torch.cat([vp.repeat_interleave(G, 0), vc], 2), attn_mask=self.mask,
-                                            enable_gqa=k.shape[1] != q.shape[1])
         H, hd = q.shape[1], q.shape[3]
+        keys, values = (torch.cat([p.repeat_interleave(G, 0), c], 2) for p, c in ((kp, kc), (vp, vc)))
+        gqa = keys.shape[1] != H
+        if gqa and q.device.type == "cuda":  # CUDA's kernels that take a mask do not take grouped heads (only the
+            keys, values = (t.repeat_interleave(H // t.shape[1], 1) for t in (keys, values))  # math one would)
+            gqa = False
+        oc = F.scaled_dot_product_attention(qc, keys, values, attn_mask=self.mask, enable_gqa=gqa)
         return torch.cat([op.transpose(0, 1).reshape(H, n, hd), oc.transpose(0, 1).reshape(H, -1, hd)], 1)[None]
 
 
@@ -634,7 +637,7 @@ class Qwen2VL(nn.Module):
         This is a mode of forward, not a method of its own, so FSDP gathers the weights as for any forward."""
         if completions is not None:
             return self._completion_logprobs(input_ids, attention_mask, pixel_values, image_grid_thw, completions,
-                                             targets, chunk_size, temperature)
+                                             targets, chunk_size, temperature, sync_vision)
         x = self.embed(input_ids, pixel_values, image_grid_thw, sync_vision)
         if position_ids is None:
             position_ids, _ = self.positions(input_ids, attention_mask, image_grid_thw)
@@ -645,7 +648,7 @@ class Qwen2VL(nn.Module):
         return x if return_hidden else self.lm_head(x)
 
     def _completion_logprobs(self, input_ids, attention_mask, pixel_values, image_grid_thw, completions, targets,
-                             chunk_size, temperature):
+                             chunk_size, temperature, sync_vision=False):
         B, P = input_ids.shape
         G, L = completions.shape[0] // B, completions.shape[1]
         if attention_mask is None:
@@ -659,7 +662,7 @@ class Qwen2VL(nn.Module):
         # completion tokens are text: all three M-RoPE axes continue from the prompt's next free position
         cpos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=next_pos.device)).reshape(1, 1, -1)
         position_ids = torch.cat([pos.reshape(3, 1, B * P), cpos.expand(3, 1, -1)], -1)
-        x = torch.cat([self.embed(input_ids, pixel_values, image_grid_thw).reshape(1, B * P, -1),
+        x = torch.cat([self.embed(input_ids, pixel_values, image_grid_thw, sync_vision).reshape(1, B * P, -1),
                        self.model.embed_tokens(completions).to(self.dtype).reshape(1, B * G * L, -1)], 1)
         cos, sin = mrope_cos_sin(position_ids, self.config, x.dtype)
         h = self.model.norm(self.run_decoder(x, cos, sin, SharedPrompts(attention_mask, G, L)))[0]

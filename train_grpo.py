@@ -36,12 +36,14 @@ import training as TR
 def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool = True, eps: float = 1e-4):
     """A_i = (r_i - mean of its group) / (std of its group + eps); rows b*G .. b*G+G-1 form a group.
 
-    A group whose rewards are all equal gets A = 0: it says nothing about which completion was better."""
+    A group whose rewards are all equal gets A = 0 exactly: it says nothing about which completion was better.
+    (Computed, r - mean would not always be 0: the mean of G equal floats can be one rounding off, and dividing by
+    std + eps ~ 1e-4 would blow that up to ~1e-3.)"""
     r = rewards.view(-1, group).float()
     a = r - r.mean(-1, keepdim=True)
     if scale_std:
         a = a / (r.std(-1, keepdim=True, unbiased=group > 1).nan_to_num(0.0) + eps)
-    return a.flatten()
+    return a.masked_fill((r == r[:, :1]).all(-1, keepdim=True), 0.0).flatten()
 
 
 def completion_mask(tokens: torch.Tensor, eos_ids, pad_id=None):
@@ -176,9 +178,9 @@ def logprob_temperature(args) -> float:
     """The T of the update's log pi_T: --logprob-temperature, by default the sampling temperature (greedy: 1).
 
     pi_T is the distribution the rollout sampled from, so log pi_T gives the on-policy gradient; at T = 1, the
-    public recipe's setting, the two choices agree. Scoring samples drawn at T < 1 under pi_1 instead adds a
-    pull toward whatever was sampled (the expected gradient of log pi_1 under pi_T is not zero): it sharpens the
-    policy even where every reward ties."""
+    public recipe's setting, the two choices agree. Scoring samples drawn at T < 1 under pi_1 instead gives
+    another, off-policy gradient: each token's push is measured against pi_1's probabilities, not those it was
+    drawn with (the advantages still decide its sign, and tied groups still add nothing)."""
     if args.logprob_temperature is not None:
         return args.logprob_temperature
     return args.temperature if args.temperature > 0 else 1.0
@@ -220,16 +222,16 @@ def update_groups(d, adv, group: int, micro: int, skip_ties: bool) -> list[list[
 
     skip_ties: a group whose advantages are all 0 (equal rewards) adds exactly nothing to the loss or gradient
     when there is no KL term, so its forward is skipped. FSDP needs the same number of forwards on every rank: a
-    rank with fewer useful groups fills up with tied ones, and every rank runs at least one forward, so that the
-    optimizer always sees (zero) gradients rather than none."""
+    rank with fewer useful micro-batches than another runs one tied group in each it lacks, and every rank runs
+    at least one forward, so that the optimizer always sees (zero) gradients rather than none."""
     n = len(adv) // group
-    order = list(range(n))
-    n_micro = math.ceil(n / micro)
-    if skip_ties:
-        useful = adv.view(n, group).ne(0).any(-1).tolist()
-        order = [b for b in order if useful[b]] + [b for b in order if not useful[b]]
-        n_micro = max(1, int(DI.reduce_dict(d, {"m": math.ceil(sum(useful) / micro)}, "max")["m"]))
-    return [order[i * micro:(i + 1) * micro] for i in range(n_micro)]
+    if not skip_ties:
+        return [list(range(b, min(b + micro, n))) for b in range(0, n, micro)]
+    useful = adv.view(n, group).ne(0).any(-1).tolist()
+    keep = [b for b in range(n) if useful[b]]
+    out = [keep[i:i + micro] for i in range(0, len(keep), micro)]
+    n_micro = max(1, int(DI.reduce_dict(d, {"m": len(out)}, "max")["m"]))
+    return out + [[b] for b in range(n) if not useful[b]][:n_micro - len(out)]
 
 
 def update(args, d, model, ref, optimizer, trainable, batch, tokens, cmask, adv, schedule) -> dict:
@@ -380,7 +382,7 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts (0: greedy)")
     a("--logprob-temperature", type=float, default=None,
       help="T of the update's log-probabilities log softmax(logits / T); default --temperature (the on-policy "
-           "gradient). 1 with --temperature below 1 also sharpens the policy toward its own samples")
+           "gradient; greedy rollouts: 1)")
     a("--beta", type=float, default=0.001, help="KL weight (paper: 0.001); 0 skips the reference model")
     a("--epsilon", type=float, default=0.2, help="clip range of the ratio")
     a("--iterations", type=int, default=1, help="updates per rollout batch (mu); 1: the paper's on-policy form")
@@ -394,7 +396,12 @@ def parse_args(argv=None):
     a("--judge-base-url", default=None, help="any OpenAI-compatible endpoint")
     a("--system-prompt", default=D.REASONING_SYSTEM_PROMPT, help="for records without their own")
     a("--log-completions", action="store_true", help="append every rollout to OUT/completions.jsonl")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.max_completion_len < 1:
+        ap.error(f"--max-completion-len must be >= 1, got {args.max_completion_len}")
+    if args.logprob_temperature is not None and args.logprob_temperature <= 0:
+        ap.error(f"--logprob-temperature must be > 0, got {args.logprob_temperature}")
+    return args
 
 
 def main(argv=None):

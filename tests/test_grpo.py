@@ -101,6 +101,15 @@ def test_group_advantages_normalise_within_each_group():
     assert torch.allclose(raw, torch.tensor([-1.5, -0.5, 0.5, 1.5, -5, -5, 5, 5]))
 
 
+@pytest.mark.parametrize("group", [2, 3, 5, 6, 8])
+def test_tied_rewards_give_exactly_zero_advantages(group):
+    """The mean of G equal floats can be one rounding off; divided by std + eps that would become ~1e-3."""
+    r = torch.tensor([1.7] * group + [2.9] * group + [0.1] * (group - 1) + [1.0])
+    a = G.group_advantages(r, group).view(3, group)
+    assert (a[:2] == 0).all() and (a[2] != 0).all()
+    assert a[2, -1] > 0 and abs(float(a[2].sum())) < 1e-4
+
+
 def test_completion_mask_ends_at_the_first_eos():
     toks = torch.tensor([[5, 6, 9, 7, 9], [5, 5, 5, 5, 5], [9, 0, 0, 0, 0]])
     mask, trunc = G.completion_mask(toks, [9])
@@ -313,13 +322,14 @@ def test_tied_groups_are_skipped_without_changing_the_gradient(weak, tmp_path, m
 
 def test_every_rank_runs_as_many_update_forwards(monkeypatch):
     """FSDP's collectives need the same number of forwards on every rank: a rank with fewer useful groups than
-    another fills up with tied ones, and a rank runs one forward even when every group ties."""
+    another runs one tied group per forward it lacks, and a rank runs one forward even when every group ties."""
     adv = torch.tensor([0.5, -0.5, 0, 0, 0.1, -0.1, 0, 0])  # G 2: groups 0 and 2 useful, 1 and 3 tied
     d = DI.Dist(0, 1, 0, torch.device("cpu"))
     monkeypatch.setattr(G.DI, "reduce_dict", lambda d, v, op="sum": {k: x for k, x in v.items()})
     assert G.update_groups(d, adv, 2, 1, True) == [[0], [2]]
     assert G.update_groups(d, adv, 2, 1, False) == [[0], [1], [2], [3]]
-    assert G.update_groups(d, torch.zeros(8), 2, 3, True) == [[0, 1, 2]]
+    assert G.update_groups(d, torch.zeros(8), 2, 3, True) == [[0]]
+    assert G.update_groups(d, torch.tensor([0.5, -0.5, 0, 0, 0.1, -0.1, 1, -1]), 2, 2, True) == [[0, 2], [3]]
     monkeypatch.setattr(G.DI, "reduce_dict", lambda d, v, op="sum": {"m": 3})  # another rank needs 3
     assert G.update_groups(d, adv, 2, 1, True) == [[0], [2], [1]]
 
