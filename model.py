@@ -492,6 +492,15 @@ def attention_spans(segments):
     return spans
 
 
+def left_padded(input_ids, attention_mask, who: str):
+    """The prompts' mask on their device (all ones when None), refused unless every prompt ends with a real token:
+    what comes next (new tokens, completions) continues from the last column."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError(f"{who} needs left padding: a prompt ends with padding (use padding_side='left')")
+    return mask
+
+
 def rope_index(input_ids, attention_mask, image_grid_thw, cfg: Qwen2VLConfig):
     """M-RoPE position ids [3, B, T] and each row's next free position [B].
 
@@ -651,13 +660,10 @@ class Qwen2VL(nn.Module):
                              chunk_size, temperature, sync_vision=False):
         B, P = input_ids.shape
         G, L = completions.shape[0] // B, completions.shape[1]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        attention_mask = left_padded(input_ids, attention_mask, "scoring completions")
         if B * G != completions.shape[0] or targets is None or targets.shape != completions.shape:
             raise ValueError(f"completions {tuple(completions.shape)} must hold G rows per prompt ({B} prompts) and "
                              f"targets the same shape")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("completions continue left-padded prompts: a prompt ends with padding")
         pos, next_pos = self.positions(input_ids, attention_mask, image_grid_thw)
         # completion tokens are text: all three M-RoPE axes continue from the prompt's next free position
         cpos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=next_pos.device)).reshape(1, 1, -1)
@@ -723,11 +729,7 @@ class Qwen2VL(nn.Module):
         G = num_samples
         dev = self.device
         input_ids = input_ids.to(dev)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(dev)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate needs left padding: a prompt ends with padding (use padding_side='left')")
+        attention_mask = left_padded(input_ids, attention_mask, "generate")
         eos = self.default_eos() if eos_token_ids is None else list(eos_token_ids)
         pad = pad_token_id if pad_token_id is not None else (c.pad_token_id if c.pad_token_id is not None
                                                               else (eos[0] if eos else 0))
