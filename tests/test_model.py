@@ -56,6 +56,14 @@ def two_image_prompts(cfg, sizes, opener="user\n"):
     return pv, thw, ids, mask
 
 
+def prompt_completion_rows(ids, mask, pv, thw, comp, cmask, G):
+    """Rows [prompt | completion] for G completions per prompt of two_image_prompts, each row with its prompt's
+    image: ids, mask, pixel values, grids."""
+    first = int(thw[0].prod())
+    return (torch.cat([ids.repeat_interleave(G, 0), comp], 1), torch.cat([mask.repeat_interleave(G, 0), cmask], 1),
+            torch.cat([pv[:first]] * G + [pv[first:]] * G), thw.repeat_interleave(G, 0))
+
+
 def hf_logits(hf, ids, mask=None, pv=None, thw=None):
     mm = (ids == hf.config.image_token_id).int()
     with torch.no_grad():
@@ -277,11 +285,7 @@ def test_num_samples_encode_once_and_match_teacher_forcing(pair):
                           temperature=1.0, num_samples=3, eos_token_ids=[], generator=[torch.Generator().manual_seed(12)])
     assert torch.equal(alone, new[3:])
     # teacher forcing: log_softmax of the full forward pass at each sampled token
-    rows = ids.repeat_interleave(3, 0)
-    full = torch.cat([rows, new], 1)
-    fmask = torch.cat([mask.repeat_interleave(3, 0), torch.ones_like(new)], 1)
-    thw_rep = thw.repeat_interleave(3, 0)
-    pv_rep = torch.cat([pv[:int(thw[0].prod())]] * 3 + [pv[int(thw[0].prod()):]] * 3)
+    full, fmask, pv_rep, thw_rep = prompt_completion_rows(ids, mask, pv, thw, new, torch.ones_like(new), 3)
     with torch.no_grad():
         logits = ours(full, fmask, pv_rep, thw_rep)[:, ids.shape[1] - 1:-1]
     want = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
@@ -303,12 +307,10 @@ def test_shared_prompt_logprobs_equal_full_rows_with_their_gradients(pair):
     w = torch.randn(2 * G, L, generator=torch.Generator().manual_seed(1))  # any loss of the log-probs
 
     P = ids.shape[1]
-    full = torch.cat([ids.repeat_interleave(G, 0), comp], 1)
-    fmask = torch.cat([mask.repeat_interleave(G, 0), cmask], 1)
+    full, fmask, pv_rep, thw_rep = prompt_completion_rows(ids, mask, pv, thw, comp, cmask, G)
     ftargets = torch.full_like(full, -100)
     ftargets[:, P - 1:-1] = targets
-    pv_rep = torch.cat([pv[:int(thw[0].prod())]] * G + [pv[int(thw[0].prod()):]] * G)
-    want = ours(full, fmask, pv_rep, thw.repeat_interleave(G, 0), targets=ftargets, temperature=T)[:, P - 1:-1]
+    want = ours(full, fmask, pv_rep, thw_rep, targets=ftargets, temperature=T)[:, P - 1:-1]
     g_want = torch.autograd.grad((want * w).sum(), list(ours.parameters()))
 
     seen = []
@@ -323,7 +325,7 @@ def test_shared_prompt_logprobs_equal_full_rows_with_their_gradients(pair):
     assert max(rel_err(a, b) for a, b in zip(g_got, g_want)) < 1e-4
     # the temperature divides the logits: log softmax(logits / T) of a plain forward
     with torch.no_grad():
-        logits = ours(full, fmask, pv_rep, thw.repeat_interleave(G, 0))[:, P - 1:-1]
+        logits = ours(full, fmask, pv_rep, thw_rep)[:, P - 1:-1]
     plain = torch.log_softmax(logits / T, -1).gather(-1, comp[..., None])[..., 0] * cmask
     assert (got.detach() - plain).abs().max() < 1e-4
 
